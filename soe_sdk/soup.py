@@ -1,0 +1,304 @@
+"""The Soup-of-Experts: shared parameters S, an expert bank E and the router MLP φ.
+
+    α = φ(h) = W₂ · gelu(W₁ h + b₁) + b₂          (h: k domain weights, α: n coefficients)
+    Θ = Combine(S, E, α) = S + Σ_j α_j E_j
+
+α is the raw linear output of φ — unconstrained, so experts can be added or subtracted.
+
+Initialisation (`init_soup`):
+- S: the GPT-2 initialisation of a plain model (soe_sdk.model.init_parameters).
+- E_j, dense: matrices N(0, 0.02/√n), vectors (biases, LayerNorm) 0 — Σ α_j E_j then starts at
+  the scale of one GPT-2 weight times the RMS of α, and the LayerNorm gains start at S's.
+- E_j, low-rank (rank r): every matrix W_j = A_j B_jᵀ with A_j ~ N(0, 0.02/√r), B_j = 0 (as in
+  LoRA), so Θ = S at step 0 while every factor still receives a gradient.
+- φ: PyTorch's default Linear init (uniform ±1/√fan_in) for both layers.
+
+Storage in an archive: `shared.<param>` ([*shape]), `experts.<param>` ([n, *shape]) or, for
+low-rank matrices, `experts.<param>.A` ([n, out, r]) and `experts.<param>.B` ([n, in, r]);
+`router.fc1.weight` [hidden, k], `router.fc1.bias`, `router.fc2.weight` [n, hidden],
+`router.fc2.bias`; `domains.centroids` [k, dim] and `domains.h_generic` [k].
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .archive import Archive
+from .config import EmbedderSpec, ModelConfig, RouterConfig, SoupConfig
+from .errors import SoeError
+from .model import init_parameters
+
+ROUTER_NAMES = ("router.fc1.weight", "router.fc1.bias", "router.fc2.weight", "router.fc2.bias")
+
+
+def is_low_rank(config: SoupConfig, shape: Sequence[int]) -> bool:
+    """Whether a parameter of this shape is stored as low-rank factors in this soup."""
+    return config.expert_rank > 0 and len(shape) == 2 and config.expert_rank < min(shape)
+
+
+def init_soup(config: SoupConfig, seed: int = 0) -> dict[str, Tensor]:
+    """Fresh soup tensors under their archive names (see the module docstring)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, r = config.router.n, config.expert_rank
+    tensors: dict[str, Tensor] = {}
+    for name, value in init_parameters(config.model, gen).items():
+        tensors[f"shared.{name}"] = value
+    if n > 0:
+        for name, shape in config.model.parameter_shapes().items():
+            if is_low_rank(config, shape):
+                tensors[f"experts.{name}.A"] = torch.randn((n, shape[0], r), generator=gen) * (0.02 / math.sqrt(r))
+                tensors[f"experts.{name}.B"] = torch.zeros((n, shape[1], r))
+            elif len(shape) == 2:
+                tensors[f"experts.{name}"] = torch.randn((n, *shape), generator=gen) * (0.02 / math.sqrt(n))
+            else:
+                tensors[f"experts.{name}"] = torch.zeros((n, *shape))
+    k, hidden = config.router.k, config.router.hidden
+    for prefix, fan_in, fan_out in (("router.fc1", k, hidden), ("router.fc2", hidden, max(n, 0))):
+        bound = 1.0 / math.sqrt(fan_in)
+        tensors[f"{prefix}.weight"] = (torch.rand((fan_out, fan_in), generator=gen) * 2 - 1) * bound
+        tensors[f"{prefix}.bias"] = (torch.rand((fan_out,), generator=gen) * 2 - 1) * bound
+    return tensors
+
+
+def router_forward(router: Mapping[str, Tensor], h: Tensor) -> Tensor:
+    """α = φ(h) for h of shape [k] or [batch, k]."""
+    hidden = F.gelu(F.linear(h, router["router.fc1.weight"], router["router.fc1.bias"]))
+    return F.linear(hidden, router["router.fc2.weight"], router["router.fc2.bias"])
+
+
+def combine_parameter(shared: Tensor, experts: Tensor | tuple[Tensor, Tensor] | None, alpha: Tensor) -> Tensor:
+    """S + Σ_j α_j E_j for one parameter; differentiable in every argument.
+
+    `experts` is the dense bank [n, *shape], a low-rank pair (A [n, out, r], B [n, in, r]),
+    or None for n = 0. A low-rank sum is formed as [A_1 … A_n] · [α_1 B_1 … α_n B_n]ᵀ,
+    never materialising an individual expert.
+    """
+    if experts is None or alpha.numel() == 0:
+        return shared
+    if isinstance(experts, tuple):
+        a, b = experts
+        n, out, r = a.shape
+        a_cat = a.permute(1, 0, 2).reshape(out, n * r)
+        b_cat = (b * alpha.to(b.dtype).view(n, 1, 1)).permute(1, 0, 2).reshape(b.shape[1], n * r)
+        return shared + a_cat @ b_cat.T
+    mixed = alpha.to(experts.dtype) @ experts.reshape(experts.shape[0], -1)
+    return shared + mixed.view(shared.shape)
+
+
+def as_domain_weights(h: Any, k: int) -> Tensor:
+    """Validate domain weights: k non-negative finite numbers with a positive sum, renormalised."""
+    t = torch.as_tensor(np.asarray(h, dtype=np.float64), dtype=torch.float32).flatten()
+    if t.numel() != k:
+        raise SoeError(f"domain weights have {t.numel()} entries but the soup has k={k} domains")
+    if not torch.isfinite(t).all() or (t < 0).any() or float(t.sum()) <= 0:
+        raise SoeError("domain weights must be finite, non-negative and not all zero")
+    return t / t.sum()
+
+
+class Soup:
+    """A trained soup, read lazily from a `.soe` archive.
+
+    `coefficients(h)` gives α = φ(h); `instantiate(α)` merges a plain model Θ, one
+    parameter tensor at a time, reading only the experts whose |α_j| exceeds the tolerance.
+    """
+
+    def __init__(self, archive: Archive, device: str | torch.device | None = None) -> None:
+        self.archive = archive
+        self.device = torch.device(device or "cpu")
+        meta = archive.metadata
+        try:
+            self.config = SoupConfig.from_dict(meta["soup_config"])
+            self.embedder = EmbedderSpec.from_dict(meta["embedder"])
+        except (KeyError, TypeError, SoeError, ValueError) as exc:
+            raise SoeError(f"{archive.path}: corrupted archive (bad soup metadata: {exc})") from None
+        self._check_tensor_set()
+        self._router = {name: archive.tensor(name).to(self.device, torch.float32) for name in ROUTER_NAMES}
+
+    def _check_tensor_set(self) -> None:
+        expected = set(ROUTER_NAMES) | {"domains.centroids", "domains.h_generic"}
+        n, k = self.n, self.k
+        for name, shape in self.config.model.parameter_shapes().items():
+            expected.add(f"shared.{name}")
+            if n:
+                expected |= ({f"experts.{name}.A", f"experts.{name}.B"} if is_low_rank(self.config, shape)
+                             else {f"experts.{name}"})
+        present = set(self.archive.names())
+        if present != expected:
+            odd = sorted(expected ^ present)[0]
+            raise SoeError(f"{self.archive.path}: corrupted archive (tensor {odd!r} is "
+                           f"{'missing' if odd in expected else 'unexpected'})")
+        shapes = {"router.fc1.weight": (self.config.router.hidden, k), "router.fc2.weight": (n, self.config.router.hidden),
+                  "domains.h_generic": (k,)}
+        for name, shape in self.config.model.parameter_shapes().items():
+            shapes[f"shared.{name}"] = shape
+            if n and not is_low_rank(self.config, shape):
+                shapes[f"experts.{name}"] = (n, *shape)
+        for name, shape in shapes.items():
+            if self.archive.shape(name) != tuple(shape):
+                raise SoeError(f"{self.archive.path}: corrupted archive (tensor {name!r} has shape "
+                               f"{list(self.archive.shape(name))}, expected {list(shape)})")
+        if self.archive.shape("domains.centroids") != (k, self.embedder.dim):
+            raise SoeError(f"{self.archive.path}: corrupted archive (centroids do not match k={k}, "
+                           f"dim={self.embedder.dim})")
+
+    # -- description -----------------------------------------------------------------------
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.config.model
+
+    @property
+    def n(self) -> int:
+        return self.config.router.n
+
+    @property
+    def k(self) -> int:
+        return self.config.router.k
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Everything the archive says about itself (configs, embedder, provenance, checksums)."""
+        return self.archive.metadata
+
+    @property
+    def tokenizer_json(self) -> str:
+        return self.archive.metadata["tokenizer"]
+
+    def tokenizer(self):
+        """The soup's HF `tokenizers.Tokenizer`."""
+        from tokenizers import Tokenizer
+        return Tokenizer.from_str(self.tokenizer_json)
+
+    @property
+    def centroids(self) -> np.ndarray:
+        return self.archive.tensor("domains.centroids").float().numpy()
+
+    @property
+    def h_generic(self) -> np.ndarray:
+        return self.archive.tensor("domains.h_generic").double().numpy()
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Instantiated model size, expert-bank size and router size, in parameters."""
+        count = lambda names: sum(int(np.prod(self.archive.shape(x))) for x in names)  # noqa: E731
+        names = self.archive.names()
+        return {"instantiated": self.config.model.num_parameters(),
+                "experts": count([x for x in names if x.startswith("experts.")]),
+                "router": count(ROUTER_NAMES),
+                "total": count([x for x in names if not x.startswith("domains.")])}
+
+    # -- the two operations ------------------------------------------------------------------
+    def router_params(self) -> dict[str, Tensor]:
+        return dict(self._router)
+
+    def coefficients(self, h: Any) -> Tensor:
+        """α = φ(h) for domain weights h (k numbers, renormalised to sum to 1)."""
+        with torch.no_grad():
+            return router_forward(self._router, as_domain_weights(h, self.k).to(self.device))
+
+    def expert_tensors(self, name: str, selected: Sequence[int] | None = None,
+                       dtype: torch.dtype = torch.float32) -> Tensor | tuple[Tensor, Tensor] | None:
+        """The bank for one parameter (only the `selected` experts), on this soup's device."""
+        if self.n == 0:
+            return None
+        idx = list(range(self.n)) if selected is None else list(selected)
+        load = lambda x: _take(self.archive.tensor(x), idx).to(self.device, dtype)  # noqa: E731
+        if f"experts.{name}" in self.archive:
+            return load(f"experts.{name}")
+        return load(f"experts.{name}.A"), load(f"experts.{name}.B")
+
+    def shared_tensor(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.archive.tensor(f"shared.{name}").to(self.device, dtype)
+
+    def instantiate(self, alpha: Any, tolerance: float = 0.0, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """Θ = S + Σ_j α_j E_j as a plain name → tensor mapping (a stand-alone model).
+
+        Experts with |α_j| ≤ tolerance are never read. With a tolerance > 0 the skipped
+        experts change each parameter by at most Σ_skipped |α_j|·max|E_j|;
+        `skipped_error_bound(α, tolerance)` reports that bound.
+        """
+        a = self._alpha(alpha)
+        keep = [j for j in range(self.n) if abs(float(a[j])) > tolerance]
+        a_keep = a[keep].to(self.device, dtype)
+        return dict(self.iter_instantiate(a_keep, keep, dtype))
+
+    def iter_instantiate(self, a_keep: Tensor, keep: Sequence[int],
+                         dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, Tensor]]:
+        """Yield (name, Θ[name]) one parameter at a time: the merge never holds the whole bank."""
+        with torch.no_grad():
+            for name in self.config.model.parameter_shapes():
+                experts = self.expert_tensors(name, keep, dtype) if keep else None
+                yield name, combine_parameter(self.shared_tensor(name, dtype), experts, a_keep).contiguous()
+
+    def skipped_error_bound(self, alpha: Any, tolerance: float) -> float:
+        """Upper bound on max |ΔΘ| from skipping the experts with |α_j| ≤ tolerance."""
+        a = self._alpha(alpha)
+        bound = 0.0
+        for j in range(self.n):
+            if 0 < abs(float(a[j])) <= tolerance:
+                largest = 0.0
+                for name, shape in self.config.model.parameter_shapes().items():
+                    bank = self.expert_tensors(name, [j])
+                    if isinstance(bank, tuple):
+                        largest = max(largest, float((bank[0][0] @ bank[1][0].T).abs().max()))
+                    elif bank is not None:
+                        largest = max(largest, float(bank.abs().max()))
+                bound += abs(float(a[j])) * largest
+        return bound
+
+    def _alpha(self, alpha: Any) -> Tensor:
+        a = torch.as_tensor(alpha, dtype=torch.float32).flatten().cpu()
+        if a.numel() != self.n:
+            raise SoeError(f"α has {a.numel()} entries but the soup has n={self.n} experts")
+        if not torch.isfinite(a).all():
+            raise SoeError("α contains NaN or infinite values")
+        return a
+
+
+def _take(bank: Tensor, idx: list[int]) -> Tensor:
+    """Rows `idx` of a memory-mapped bank; a contiguous full range stays a zero-copy view."""
+    if idx == list(range(bank.shape[0])):
+        return bank
+    return bank[idx]
+
+
+def load(path: str | Path, device: str | torch.device | None = None) -> Soup:
+    """Open a `.soe` archive lazily on `device` ("cpu", "cuda", ...)."""
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise SoeError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
+    return Soup(Archive(path), device)
+
+
+def write_soup(path: str | Path, tensors: Mapping[str, Tensor], config: SoupConfig, *,
+               centroids: np.ndarray | Tensor, h_generic: np.ndarray | Tensor, embedder: EmbedderSpec,
+               tokenizer_json: str, provenance: Mapping[str, Any] | None = None,
+               storage_dtype: torch.dtype = torch.float32) -> str:
+    """Pack soup tensors (names as in `init_soup`) and their context into one `.soe` file.
+
+    S and E are stored in `storage_dtype` (fp16/bf16 halve the file; loading computes in
+    fp32); φ, centroids and h_generic stay fp32. Returns the archive's SHA-256.
+    """
+    from . import __version__
+    from .archive import write_archive
+
+    def ordered() -> Iterator[tuple[str, Tensor]]:
+        for name in config.model.parameter_shapes():
+            yield f"shared.{name}", tensors[f"shared.{name}"].to(storage_dtype)
+        for name in config.model.parameter_shapes():
+            for key in (f"experts.{name}", f"experts.{name}.A", f"experts.{name}.B"):
+                if key in tensors:
+                    yield key, tensors[key].to(storage_dtype)
+        for key in ROUTER_NAMES:
+            yield key, tensors[key].float()
+        yield "domains.centroids", torch.as_tensor(np.asarray(centroids), dtype=torch.float32)
+        yield "domains.h_generic", torch.as_tensor(np.asarray(h_generic), dtype=torch.float32)
+
+    metadata = {"soup_config": config.to_dict(), "embedder": embedder.to_dict(), "tokenizer": tokenizer_json,
+                "provenance": dict(provenance or {}), "sdk_version": __version__,
+                "storage_dtype": str(storage_dtype).replace("torch.", "")}
+    return write_archive(path, ordered(), metadata)

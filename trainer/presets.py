@@ -1,0 +1,76 @@
+"""Named training configurations: `tiny` (tests, minutes on a CPU), `cpu-demo` (the bundled demo
+soup, ≤ 90 min on 2 CPU cores) and `paper-110m` (the paper's Tables 2–3, for GPU nodes)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from soe_sdk.config import ModelConfig
+from soe_sdk.errors import SoeError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything `soe-train prepare` and `soe-train train` need besides the corpus."""
+
+    name: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # data preparation
+    vocab_size: int = 4096
+    clusters: tuple[int, int] = (4, 4)  # (k1, k2): hierarchical k-means, k = k1·k2 domains
+    embed_chars: int = 2000  # characters of each document that are embedded for clustering
+    # soup
+    experts: int = 16
+    expert_rank: int = 0
+    router_hidden: int = 128
+    support_size: int = 4  # s of the meta-distribution π
+    # optimisation
+    batch_size: int = 16  # sequences per micro-batch (one h per micro-batch)
+    grad_accum: int = 1  # micro-batches (each with its own h) per optimizer step
+    max_steps: int = 200
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_tokens: int = 32_768
+    checkpoint_every: int = 100
+    storage_dtype: str = "float32"  # dtype of S and E inside the packed archive
+
+    def replace(self, **changes: object) -> "Preset":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        name="tiny",
+        model=ModelConfig(vocab_size=512, max_seq_len=64, d_model=64, n_layers=2, n_heads=2, d_mlp=256),
+        vocab_size=512, clusters=(2, 2), embed_chars=600, experts=4, router_hidden=32, support_size=2,
+        batch_size=8, max_steps=60, lr=3e-3, warmup_steps=5, eval_every=20, eval_tokens=4096,
+        checkpoint_every=20,
+    ),
+    "cpu-demo": Preset(
+        name="cpu-demo",
+        model=ModelConfig(vocab_size=4096, max_seq_len=128, d_model=128, n_layers=4, n_heads=4, d_mlp=512),
+        vocab_size=4096, clusters=(8, 8), embed_chars=1500, experts=16, router_hidden=128, support_size=4,
+        batch_size=16, grad_accum=1, max_steps=8000, lr=2e-3, warmup_steps=200, eval_every=500,
+        eval_tokens=65_536, checkpoint_every=500, storage_dtype="float16",
+    ),
+    "paper-110m": Preset(
+        name="paper-110m",
+        model=ModelConfig(vocab_size=32768, max_seq_len=1024, d_model=768, n_layers=12, n_heads=12, d_mlp=3072),
+        vocab_size=32768, clusters=(64, 64), embed_chars=4000, experts=128, router_hidden=512, support_size=4,
+        batch_size=16, grad_accum=8, max_steps=1_024_000, lr=1e-4, min_lr_ratio=0.1, warmup_steps=2000,
+        beta2=0.999, grad_clip=0.1, eval_every=5000, eval_tokens=1_048_576, checkpoint_every=5000,
+        storage_dtype="bfloat16",
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise SoeError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
