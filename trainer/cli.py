@@ -1,0 +1,120 @@
+"""`soe-train`: prepare a corpus, train a soup or a baseline, pack it into a `.soe` archive."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from soe_sdk.errors import SoeError
+
+from .presets import PRESETS, get_preset
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Pretrain a Soup-of-Experts (paper Algorithms 1-2) and pack it into one .soe archive.
+
+    \b
+    Typical run:
+      soe-train prepare --corpus CORPUS --out WORK --preset tiny
+      soe-train train WORK --preset tiny
+      soe-train pack WORK --out my-soup.soe
+    Multi-process / multi-node: torchrun --nproc_per_node=N -m trainer train WORK ...
+    """
+
+
+@main.command()
+@click.option("--corpus", required=True, type=click.Path(path_type=Path),
+              help="Folder or file of .jsonl/.jsonl.gz (field 'text'), .txt or .parquet documents.")
+@click.option("--out", "workdir", required=True, type=click.Path(path_type=Path), help="Work folder to create/reuse.")
+@click.option("--preset", default="tiny", type=click.Choice(sorted(PRESETS)), show_default=True)
+@click.option("--tokenizer", type=click.Path(exists=True, path_type=Path), help="Use this tokenizer.json instead of training one.")
+@click.option("--eval", "eval_path", type=click.Path(exists=True, path_type=Path), help="Generic held-out set (same formats).")
+@click.option("--specialist", "specialists", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Folder with train.jsonl.gz and eval.jsonl.gz of one specialist set (repeatable).")
+@click.option("--max-docs", type=int, help="Use only the first N documents of the corpus.")
+@click.option("--device", help="Device for the embedder (cpu, cuda).")
+def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, eval_path: Path | None,
+            specialists: tuple[Path, ...], max_docs: int | None, device: str | None) -> None:
+    """Tokenizer, domains (embed + hierarchical k-means), per-domain token shards, eval sets."""
+    from .prepare import prepare as run_prepare
+    try:
+        summary = run_prepare(corpus, workdir, get_preset(preset), tokenizer_path=tokenizer, eval_path=eval_path,
+                              specialist_dirs=specialists, embed_device=device, max_docs=max_docs)
+    except SoeError as exc:
+        _fail(exc)
+    click.echo(f"prepared {workdir}: k={summary.get('k')} domains, {summary.get('tokens', '?')} tokens")
+
+
+@main.command()
+@click.argument("workdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--preset", default="tiny", type=click.Choice(sorted(PRESETS)), show_default=True)
+@click.option("--experts", type=int, help="Number of experts n (0 = a plain model).")
+@click.option("--rank", "expert_rank", type=int, help="Low-rank experts of this rank (0 = dense).")
+@click.option("--max-steps", type=int, help="Total optimizer steps of the run.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--checkpoint-every", type=int, help="Steps between checkpoints.")
+@click.option("--sharding", default="ddp", type=click.Choice(["ddp", "bank"]), show_default=True,
+              help="Under torchrun: replicate the soup (ddp) or split the expert bank across ranks (bank).")
+@click.option("--baseline", help="Train a baseline instead of a soup: generic, crisp:SET or domain:CLUSTER.")
+@click.option("--run", "run_name", help="Run name (folder under WORKDIR/runs); default soup or the baseline's name.")
+@click.option("--device", help="cpu or cuda (default: cuda if available).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="Autocast precision (default bf16 on GPU, fp32 on CPU).")
+@click.option("--lr", type=float, help="Peak learning rate (overrides the preset).")
+@click.option("--batch-size", type=int, help="Sequences per micro-batch (overrides the preset).")
+@click.option("--grad-accum", type=int, help="Micro-batches, each with its own h, per optimizer step.")
+@click.option("--support-size", type=int, help="s: domains per draw of the meta-distribution.")
+@click.option("--threads", type=int, help="torch CPU threads.")
+def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | None, max_steps: int | None,
+          seed: int, checkpoint_every: int | None, sharding: str, baseline: str | None, run_name: str | None,
+          device: str | None, precision: str | None, lr: float | None, batch_size: int | None,
+          grad_accum: int | None, support_size: int | None, threads: int | None) -> None:
+    """Train (or resume) a soup or a baseline; resumes from WORKDIR/runs/RUN's last checkpoint."""
+    import torch
+
+    from .loop import RunSpec, baseline_spec
+    from .loop import train as run_train
+    from .shards import DomainShards
+
+    if threads:
+        torch.set_num_threads(threads)
+    p = get_preset(preset)
+    overrides = {k: v for k, v in {"lr": lr, "batch_size": batch_size, "grad_accum": grad_accum,
+                                   "support_size": support_size, "expert_rank": expert_rank}.items() if v is not None}
+    p = p.replace(**overrides)
+    try:
+        if baseline:
+            spec = baseline_spec(baseline, workdir, DomainShards.open(workdir), p.clusters[0])
+        else:
+            spec = RunSpec("soup", None, experts)
+        if run_name:
+            spec = RunSpec(run_name, spec.fixed_h, spec.experts)
+        run_dir = run_train(workdir, p, spec=spec, max_steps=max_steps, seed=seed, checkpoint_every=checkpoint_every,
+                            device=device, precision=precision, sharding=sharding)
+    except SoeError as exc:
+        _fail(exc)
+    click.echo(f"run finished: {run_dir}")
+
+
+@main.command()
+@click.argument("workdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Archive to write (FILE.soe).")
+@click.option("--run", "run_name", default="soup", show_default=True, help="Which run to pack.")
+def pack(workdir: Path, out: Path, run_name: str) -> None:
+    """Pack a run's latest checkpoint, centroids, tokenizer and provenance into one .soe file."""
+    from .pack import pack as run_pack
+    try:
+        digest = run_pack(workdir, out, run_name)
+    except SoeError as exc:
+        _fail(exc)
+    click.echo(f"wrote {out} (sha256 {digest[:16]}…)")
+
+
+if __name__ == "__main__":
+    main()

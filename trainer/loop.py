@@ -1,0 +1,277 @@
+"""Paper Algorithm 2: pretrain a soup (or an n = 0 baseline) on a prepared workdir.
+
+Every micro-batch draws its own domain weights h (from π, or fixed for a baseline), a batch
+from mix(h) (Algorithm 1), merges Θ = S + αᵀE with α = φ(h), and backpropagates. Randomness
+is derived from (seed, step, micro-batch), so the data stream is a pure function of the step:
+a resumed run, or the same global batch split over ranks, sees exactly the same batches.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from soe_sdk.config import RouterConfig, SoupConfig
+from soe_sdk.errors import SoeError
+
+from . import checkpoint as ckpt
+from . import distributed as dd
+from .evaluate import load_eval_sets, windows_loss
+from .flat import FlatLayout
+from .optim import lr_at
+from .presets import Preset
+from .sampling import meta_distribution, sample_batch, usable_domains
+from .shards import DomainShards
+from .state import SoupState
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What to train: a soup (h ~ π) or a baseline with fixed h (n = 0)."""
+
+    name: str = "soup"
+    fixed_h: tuple[float, ...] | None = None  # None: draw h ~ π every micro-batch
+    experts: int | None = None  # overrides the preset; baselines use 0
+
+
+def baseline_spec(kind: str, workdir: Path, shards: DomainShards, k1: int) -> RunSpec:
+    """`generic`, `crisp:<specialist set>` or `domain:<top-level cluster>` as a RunSpec."""
+    if kind == "generic":
+        return RunSpec("generic", tuple(shards.h_generic.tolist()), 0)
+    if kind.startswith("crisp:"):
+        name = kind.split(":", 1)[1]
+        path = workdir / "eval" / f"{name}.h_hard.npy"
+        if not path.exists():
+            raise SoeError(f"{path}: no domain weights for specialist set {name!r}; run prepare with --specialist")
+        return RunSpec(f"crisp-{name}", tuple(np.load(path).tolist()), 0)
+    if kind.startswith("domain:"):
+        cluster = int(kind.split(":", 1)[1])
+        k2 = shards.k // k1
+        if not 0 <= cluster < k1:
+            raise SoeError(f"--baseline {kind}: cluster must be in 0..{k1 - 1}")
+        h = np.zeros(shards.k)
+        h[cluster * k2:(cluster + 1) * k2] = shards.h_generic[cluster * k2:(cluster + 1) * k2]
+        if h.sum() <= 0:
+            raise SoeError(f"--baseline {kind}: that cluster holds no tokens")
+        return RunSpec(f"domain-{cluster}", tuple((h / h.sum()).tolist()), 0)
+    raise SoeError(f"unknown baseline {kind!r}; use generic, crisp:NAME or domain:CLUSTER")
+
+
+def _micro_rng(seed: int, step: int, micro: int) -> np.random.Generator:
+    return np.random.default_rng([seed, step, micro])
+
+
+def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max_steps: int | None = None,
+          seed: int = 0, checkpoint_every: int | None = None, device: str | None = None,
+          precision: str | None = None, sharding: str = "ddp", progress: bool = True,
+          stop_after: int | None = None) -> Path:
+    """Train (or resume) the run `spec.name` in WORKDIR/runs/; return the run folder.
+
+    `stop_after` ends this invocation after that many steps without finishing the run
+    (a resumable pause, used by tests); `max_steps` is the run's full length.
+    """
+    workdir = Path(workdir)
+    ctx = dd.setup(device)
+    shards = DomainShards.open(workdir)
+    total_steps = max_steps or preset.max_steps
+    n = preset.experts if spec.experts is None else spec.experts
+    config = SoupConfig(model=preset.model, router=RouterConfig(k=shards.k, n=n, hidden=preset.router_hidden),
+                        expert_rank=preset.expert_rank)
+    autocast = _autocast_dtype(precision, ctx.device)
+    run_dir = workdir / "runs" / spec.name
+    ckpt_dir = run_dir / "checkpoints"
+    layout = FlatLayout.for_model(config.model)
+    bank = sharding == "bank" and ctx.active
+    if sharding not in ("ddp", "bank"):
+        raise SoeError(f"--sharding {sharding!r}: use ddp or bank")
+
+    state = SoupState.fresh(config, seed, ctx.device, betas=(preset.beta1, preset.beta2),
+                            weight_decay=preset.weight_decay)
+    if bank:
+        lo, hi = dd.slice_bounds(layout.size, ctx)
+        size = dd.padded_size(layout.size, ctx.world)
+        state = SoupState(config, layout, dd.pad_to(state.shared, size)[lo:hi].clone(),
+                          dd.pad_to(state.experts, size)[:, lo:hi].clone(),
+                          {k: v.detach() for k, v in state.router.items()}, lo=lo, hi=hi,
+                          betas=(preset.beta1, preset.beta2), weight_decay=preset.weight_decay)
+
+    start = 0
+    resumed = ckpt.latest_step(ckpt_dir)
+    if resumed is not None:
+        tensors, saved = ckpt.load_checkpoint(ckpt_dir, resumed, rank=ctx.rank if bank else None)
+        _check_same_run(saved, config, sharding if bank else "ddp", ctx.world if bank else 1, run_dir)
+        state.load_tensors({k: v.to(ctx.device) for k, v in tensors.items()}, saved["optimizer_steps"])
+        start = resumed
+    run_meta = {"run": spec.name, "preset": preset.name, "soup_config": config.to_dict(), "seed": seed,
+                "max_steps": total_steps, "support_size": preset.support_size, "fixed_h": spec.fixed_h is not None,
+                "batch_size": preset.batch_size, "grad_accum": preset.grad_accum, "seq_len": preset.model.max_seq_len,
+                "world": ctx.world, "sharding": sharding if bank else "ddp", "lr": preset.lr,
+                "storage_dtype": preset.storage_dtype}
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run.json").write_text(json.dumps(run_meta, indent=2))
+    metrics = _MetricsLog(run_dir / "metrics.jsonl", start, enabled=ctx.is_main)
+    eval_sets = load_eval_sets(workdir, preset.model.max_seq_len, preset.eval_tokens, shards.h_generic, shards.dtype)
+    every = checkpoint_every or preset.checkpoint_every
+    micro_total = preset.grad_accum * (1 if bank else ctx.world)
+    seq = preset.model.max_seq_len
+    usable = usable_domains(shards, seq)
+    tokens_per_step = micro_total * preset.batch_size * seq
+    end = total_steps if stop_after is None else min(total_steps, start + stop_after)
+    bar = tqdm(total=end, initial=start, desc=f"train {spec.name}", disable=not (progress and ctx.is_main),
+               unit="step", dynamic_ncols=True)
+    t0, last_t = time.time(), time.time()
+    for step in range(start, end):
+        state.zero_grad()
+        losses: list[float] = []
+        for micro in range(micro_total):
+            if not bank and micro % ctx.world != ctx.rank:
+                continue
+            rng = _micro_rng(seed, step, micro)
+            h = np.asarray(spec.fixed_h) if spec.fixed_h is not None else \
+                meta_distribution(shards.k, preset.support_size, rng, usable=usable)
+            batch = sample_batch(shards, h, preset.batch_size, seq, rng)
+            if bank:
+                rows = np.array_split(np.arange(preset.batch_size), ctx.world)[ctx.rank]
+                local = batch[rows].to(ctx.device)
+                scale = len(rows) / preset.batch_size / micro_total
+                loss = state.micro_step(torch.as_tensor(h), local, scale,
+                                        gather=lambda t: dd.all_gather_flat(t, layout.size, ctx),
+                                        scatter=lambda g: dd.reduce_scatter_flat(g, ctx),
+                                        reduce_alpha=dd.all_reduce_sum, autocast_dtype=autocast)
+            else:
+                loss = state.micro_step(torch.as_tensor(h), batch.to(ctx.device), 1.0 / micro_total,
+                                        autocast_dtype=autocast)
+            if not math.isfinite(loss):
+                raise SoeError(f"non-finite loss {loss} at step {step} (micro-batch {micro}, domains "
+                               f"{np.flatnonzero(h).tolist()[:8]}); last good checkpoint: "
+                               f"{ckpt.latest_step(ckpt_dir)} in {ckpt_dir}")
+            losses.append(loss)
+        grads = state.grad_dict()
+        if ctx.active and not bank:
+            for g in grads.values():
+                dd.all_reduce_sum(g)
+        norm = _clip(grads, preset.grad_clip, state, bank)
+        lr = lr_at(step, lr=preset.lr, warmup=preset.warmup_steps, total=total_steps, min_ratio=preset.min_lr_ratio)
+        state.optimizer.step(grads, lr)
+        mean_loss = _mean_over_ranks(losses, ctx)
+        now = time.time()
+        metrics.write({"step": step + 1, "loss": mean_loss, "lr": lr, "grad_norm": norm,
+                       "tokens": (step + 1) * tokens_per_step, "step_time": now - last_t,
+                       "elapsed": now - t0})
+        last_t = now
+        bar.update(1)
+        bar.set_postfix(loss=f"{mean_loss:.3f}")
+        done = step + 1
+        if eval_sets and (done % preset.eval_every == 0 or done == total_steps):
+            evals = _evaluate(state, layout, config, eval_sets, ctx, bank, autocast)
+            metrics.write({"step": done, "eval": evals})
+        if done % every == 0 or done == total_steps or done == end:
+            _save(state, ckpt_dir, done, ctx, bank, {"config": config.to_dict(), "sharding": sharding if bank else "ddp",
+                                                      "world": ctx.world if bank else 1, "lo": state.lo,
+                                                      "hi": state.hi, "p": layout.size, "run": run_meta})
+    bar.close()
+    if ctx.is_main and end == total_steps:
+        from .plots import plot_metrics
+        plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png")
+    return run_dir
+
+
+def _autocast_dtype(precision: str | None, device: torch.device) -> torch.dtype | None:
+    if precision is None:
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    raise SoeError(f"--precision {precision!r}: use fp32 or bf16")
+
+
+def _check_same_run(saved: dict[str, Any], config: SoupConfig, sharding: str, world: int, run_dir: Path) -> None:
+    if saved.get("config") != config.to_dict():
+        raise SoeError(f"{run_dir}: the checkpoint was trained with another configuration; "
+                       "use another run name or delete the run folder")
+    if saved.get("sharding") != sharding or saved.get("world") != world:
+        raise SoeError(f"{run_dir}: the checkpoint was written with --sharding {saved.get('sharding')} on "
+                       f"{saved.get('world')} rank(s); resume with the same setting")
+
+
+def _clip(grads: dict[str, torch.Tensor], max_norm: float, state: SoupState, bank: bool) -> float:
+    flat_sq = sum(float(grads[k].double().pow(2).sum()) for k in ("S", "E"))
+    router_sq = sum(float(v.double().pow(2).sum()) for k, v in grads.items() if k not in ("S", "E"))
+    if bank:
+        flat_sq = float(dd.all_reduce_sum(torch.tensor([flat_sq], dtype=torch.float64))[0])
+    norm = math.sqrt(flat_sq + router_sq)
+    if max_norm > 0 and norm > max_norm:
+        for g in grads.values():
+            g.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
+def _mean_over_ranks(losses: list[float], ctx: dd.DistContext) -> float:
+    local = torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
+    if ctx.active:  # ddp: ranks hold different micro-batches; bank: different rows of each
+        dd.all_reduce_sum(local)
+    return float(local[0] / local[1])
+
+
+def _full_theta_fn(state: SoupState, layout: FlatLayout, ctx: dd.DistContext, bank: bool):
+    def theta(alpha: torch.Tensor) -> torch.Tensor:
+        local = state.merge_local(alpha)
+        return dd.all_gather_flat(local, layout.size, ctx) if bank else local
+    return theta
+
+
+@torch.no_grad()
+def _evaluate(state: SoupState, layout: FlatLayout, config: SoupConfig, eval_sets, ctx: dd.DistContext,
+              bank: bool, autocast: torch.dtype | None) -> dict[str, float]:
+    theta_of = _full_theta_fn(state, layout, ctx, bank)
+    out: dict[str, float] = {}
+    for es in eval_sets:
+        alpha = state.alpha(torch.as_tensor(es.h)).detach()
+        params = layout.views(theta_of(alpha))
+        out[es.name] = windows_loss(params, config.model, es.windows, autocast_dtype=autocast)
+    return out
+
+
+def _save(state: SoupState, ckpt_dir: Path, step: int, ctx: dd.DistContext, bank: bool, meta: dict[str, Any]) -> None:
+    meta = dict(meta, optimizer_steps=state.optimizer.step_count)
+    if bank:
+        ckpt.save_checkpoint(ckpt_dir, step, state.tensors(), meta, rank=ctx.rank, publish=False)
+        dd.barrier()
+        if ctx.is_main:
+            ckpt.publish_checkpoint(ckpt_dir, step)
+        dd.barrier()
+    elif ctx.is_main:
+        ckpt.save_checkpoint(ckpt_dir, step, state.tensors(), meta)
+
+
+class _MetricsLog:
+    """Append-only JSONL; on resume, lines past the checkpoint's step are dropped first."""
+
+    def __init__(self, path: Path, start: int, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= start:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    break  # a torn last line from a killed process
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
