@@ -85,8 +85,11 @@ def write_archive(path: str | Path, tensors: Mapping[str, torch.Tensor] | Iterab
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # safetensors aligns the data to 8 bytes
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise ArchiveError(f"{path}: cannot write archive ({exc.strerror or exc})") from None
     digest = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as handle:

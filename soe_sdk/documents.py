@@ -112,6 +112,8 @@ def load_documents(
 
     `source` is a directory (walked recursively, in sorted order), a single file, or a
     list/tuple of raw texts (their sources are "<text 0>", "<text 1>", ...).
+    Hidden entries (names starting with ".", e.g. .git, .env) are skipped as "hidden", and a
+    file or folder reached twice through links is read once ("duplicate path").
     `max_chunks` caps the work: reading stops once that many unique chunks are kept, so
     files after that point in the sorted walk are neither read nor counted.
     Raises DocumentsError when the source is missing or yields no usable text.
@@ -434,9 +436,12 @@ def _read_pdf(data: bytes) -> str:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted:
             try:
-                reader.decrypt("")  # many "protected" PDFs open with an empty password
-            except Exception:
-                raise _Skip(ENCRYPTED_PDF) from None
+                # Many "protected" PDFs open with an empty password; a falsy result means no.
+                opened = bool(reader.decrypt(""))
+            except Exception:  # e.g. an AES cipher without its optional dependency
+                opened = False
+            if not opened:
+                raise _Skip(ENCRYPTED_PDF)
         pages = [page.extract_text() or "" for page in reader.pages]
     if not reader.pages:
         raise _Skip(CORRUPT_PDF)

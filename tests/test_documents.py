@@ -11,7 +11,7 @@ from pathlib import Path
 
 import docx
 import pytest
-from pypdf import PdfReader
+from pypdf import PdfReader, PdfWriter
 
 from soe_sdk.documents import DocumentSet, SkippedFile, chunk_text, extract_text, load_documents
 from soe_sdk.errors import DocumentsError, SoeError
@@ -161,6 +161,20 @@ def test_single_file_source_and_extract_text(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- bad files are skipped
+
+def test_encrypted_pdf(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.pdf"
+    write_pdf(plain, ["Locked content here"])
+    for name, user_password in (("locked.pdf", "secret"), ("open.pdf", "")):
+        writer = PdfWriter(clone_from=str(plain))
+        writer.encrypt(user_password=user_password, owner_password="owner", algorithm="RC4-128")
+        writer.write(str(tmp_path / name))
+    plain.unlink()
+    ds = load_documents(tmp_path)
+    # An empty user password opens the file; a real one cannot be guessed.
+    assert ds.chunks == ["Locked content here"]
+    assert reasons_by_name(ds) == {"locked.pdf": "encrypted pdf"}
+
 
 def test_bad_files_are_skipped_with_reasons(tmp_path: Path) -> None:
     docs = tmp_path / "docs"

@@ -84,6 +84,9 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
     n = preset.experts if spec.experts is None else spec.experts
     config = SoupConfig(model=preset.model, router=RouterConfig(k=shards.k, n=n, hidden=preset.router_hidden),
                         expert_rank=preset.expert_rank)
+    if shards.vocab_size > preset.model.vocab_size:
+        raise SoeError(f"{workdir}: the tokenizer has {shards.vocab_size} tokens but the model's vocabulary "
+                       f"is {preset.model.vocab_size}; prepare with the same preset")
     autocast = _autocast_dtype(precision, ctx.device)
     run_dir = workdir / "runs" / spec.name
     ckpt_dir = run_dir / "checkpoints"

@@ -176,31 +176,34 @@ def prepare(corpus: str | os.PathLike, workdir: str | os.PathLike, preset: Prese
     tok_hash, tok_info = stages.run("tokenizer", tok_inputs, [tok_path], run_tokenizer)
     tokenizer = load_tokenizer(tok_path)
 
-    # (b) domains: embeddings, centroids, assignments ---------------------------
+    # (b) domains: embeddings, then centroids + assignments -------------------
     emb_path, cen_path, asg_path = (workdir / "embeddings.npy", workdir / "centroids.npy",
                                     workdir / "assignments.npy")
 
-    def run_clusters() -> dict:
-        from .clustering import cluster_domains, embed_documents
+    def run_embeddings() -> dict:
+        from .clustering import embed_documents
 
         n_docs = sum(1 for _ in docs())
         if n_docs < k:
             raise SoeError(f"{corpus}: {n_docs} documents, fewer than the k={k} domains of preset {preset.name!r}")
-        t0 = time.perf_counter()
         emb = embed_documents(docs(), embedder(), preset.embed_chars, total=n_docs, progress=progress)
-        embed_s = time.perf_counter() - t0
-        _log(progress, f"embedded {n_docs} docs in {embed_s:.1f} s ({n_docs / max(embed_s, 1e-9):.1f} docs/s)")
-        t0 = time.perf_counter()
-        centroids, assignments = cluster_domains(emb, k1, k2, seed=SEED)
-        cluster_s = time.perf_counter() - t0
         _save_npy(emb_path, emb)
+        return {"n_docs": n_docs}
+
+    emb_inputs = {"corpus": corpus_fp, "max_docs": max_docs, "embedder": spec.to_dict(),
+                  "embed_chars": preset.embed_chars}
+    emb_hash, emb_info = stages.run("embeddings", emb_inputs, [emb_path], run_embeddings)
+
+    def run_clusters() -> dict:
+        from .clustering import cluster_domains
+
+        centroids, assignments = cluster_domains(np.load(emb_path), k1, k2, seed=SEED)
         _save_npy(cen_path, centroids)
         _save_npy(asg_path, assignments)
-        return {"n_docs": n_docs, "embed_seconds": round(embed_s, 2), "kmeans_seconds": round(cluster_s, 2)}
+        return {"k": k}
 
-    cl_inputs = {"corpus": corpus_fp, "max_docs": max_docs, "embedder": spec.to_dict(),
-                 "embed_chars": preset.embed_chars, "clusters": [k1, k2], "seed": SEED}
-    cl_hash, cl_info = stages.run("clusters", cl_inputs, [emb_path, cen_path, asg_path], run_clusters)
+    cl_inputs = {"embeddings": emb_hash, "clusters": [k1, k2], "seed": SEED}
+    cl_hash, _ = stages.run("clusters", cl_inputs, [cen_path, asg_path], run_clusters)
     centroids = np.load(cen_path)
 
     # (c) per-domain token shards -------------------------------------------------
@@ -285,7 +288,7 @@ def prepare(corpus: str | os.PathLike, workdir: str | os.PathLike, preset: Prese
         "tokenizer": tok_info,
         "embedder": spec.to_dict(),
         "embed_chars": preset.embed_chars,
-        "embedding": cl_info,
+        "embedding": emb_info,
         "soft_temperature": SOFT_TEMPERATURE,
         "eval": eval_summary,
         "timings": stages.timings,  # this run: seconds, or "cached"

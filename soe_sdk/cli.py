@@ -1,0 +1,88 @@
+"""Command-line entry points: `soe-info` (inspect an archive) and `soe-export` (docs → specialist)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import SoeError
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(1)
+
+
+def _human(count: float) -> str:
+    for unit in ("", "K", "M", "B"):
+        if abs(count) < 1000:
+            return f"{count:.1f}{unit}" if unit else f"{int(count)}"
+        count /= 1000
+    return f"{count:.1f}T"
+
+
+def _meta_dist(prov: dict) -> str:
+    dist = prov.get("meta_distribution")
+    if isinstance(dist, dict) and dist.get("s"):
+        return f"h ~ π with support s={dist['s']}"
+    return "fixed h (a plain model)"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--no-verify", is_flag=True, help="Skip checking every tensor's SHA-256.")
+def info_main(archive: Path, as_json: bool, no_verify: bool) -> None:
+    """Summarise a .soe archive (config, n, k, sizes, embedder, provenance) and verify its checksums."""
+    from .soup import load
+    try:
+        soup = load(archive)
+        checked = 0 if no_verify else soup.archive.verify_all()
+    except SoeError as exc:
+        _fail(exc)
+    meta = soup.metadata
+    counts = soup.parameter_counts()
+    summary = {
+        "file": str(archive), "bytes": archive.stat().st_size, "format_version": 1,
+        "model": soup.model_config.to_dict(), "experts": soup.n, "domains": soup.k,
+        "router_hidden": soup.config.router.hidden, "expert_rank": soup.config.expert_rank,
+        "parameters": counts, "storage_dtype": meta.get("storage_dtype"), "embedder": soup.embedder.to_dict(),
+        "provenance": meta.get("provenance", {}), "sdk_version": meta.get("sdk_version"),
+        "tensors_verified": checked,
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    m = soup.model_config
+    prov = summary["provenance"]
+    lines = [
+        f"{archive}  ({summary['bytes'] / 1e6:.1f} MB, .soe v1, written by soe-sdk {summary['sdk_version']})",
+        f"  model      GPT-2 style: d={m.d_model}, layers={m.n_layers}, heads={m.n_heads}, mlp={m.d_mlp}, "
+        f"vocab={m.vocab_size}, context={m.max_seq_len}",
+        f"  soup       n={soup.n} experts{' (rank ' + str(soup.config.expert_rank) + ')' if soup.config.expert_rank else ''}, "
+        f"k={soup.k} domains, router hidden={soup.config.router.hidden}, stored as {summary['storage_dtype']}",
+        f"  parameters {_human(counts['instantiated'])} per specialist, {_human(counts['experts'])} in the expert bank, "
+        f"{_human(counts['total'])} in all",
+        f"  embedder   {soup.embedder.name} (dim {soup.embedder.dim}, max {soup.embedder.max_seq_length} tokens, "
+        f"{soup.embedder.precision}{', normalised' if soup.embedder.normalize else ''})",
+        f"  trained    {prov.get('steps', '?')} steps, {_human(prov.get('tokens') or 0)} tokens on {prov.get('corpus') or '?'}"
+        f" (preset {prov.get('preset', '?')}, {_meta_dist(prov)})",
+    ]
+    if prov.get("final_eval"):
+        lines.append("  eval loss  " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(prov["final_eval"].items())))
+    lines.append(f"  checksums  {checked} tensors verified" if checked else "  checksums  not verified (--no-verify)")
+    click.echo("\n".join(lines))
+
+
+def export_main() -> None:  # replaced by the specialisation CLI
+    raise SystemExit("soe-export is not available yet")
+
+
+if __name__ == "__main__":  # python -m soe_sdk.cli info|export ...
+    commands = {"info": info_main, "export": export_main}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        raise SystemExit("usage: python -m soe_sdk.cli {info,export} ...")
+    command = commands[sys.argv.pop(1)]
+    command()

@@ -1,0 +1,113 @@
+"""Soup math: linearity of instantiate, the router, tolerance skipping, low-rank experts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import soe_sdk
+from soe_sdk.errors import SoeError
+from soe_sdk.model import forward
+from soe_sdk.soup import combine_parameter
+
+from .conftest import write_tiny_soup
+
+
+def test_instantiate_is_linear_in_alpha(tiny_soup_path: Path) -> None:
+    soup = soe_sdk.load(tiny_soup_path)
+    zero = soup.instantiate(torch.zeros(soup.n))
+    for name in soup.model_config.parameter_shapes():
+        assert torch.equal(zero[name], soup.archive.tensor(f"shared.{name}"))
+    for j in range(soup.n):
+        onehot = torch.zeros(soup.n)
+        onehot[j] = 1.0
+        theta = soup.instantiate(onehot)
+        for name in soup.model_config.parameter_shapes():
+            expected = soup.archive.tensor(f"shared.{name}") + soup.archive.tensor(f"experts.{name}")[j]
+            assert torch.equal(theta[name], expected), name
+
+
+def test_coefficients_follow_the_router(tiny_soup_path: Path) -> None:
+    soup = soe_sdk.load(tiny_soup_path)
+    h = np.array([0.5, 0.5, 0.0, 0.0])
+    r = soup.router_params()
+    hidden = torch.nn.functional.gelu(r["router.fc1.weight"] @ torch.tensor(h, dtype=torch.float32) + r["router.fc1.bias"])
+    expected = r["router.fc2.weight"] @ hidden + r["router.fc2.bias"]
+    torch.testing.assert_close(soup.coefficients(h), expected)
+    # unnormalised histograms are renormalised, so counts work as well as weights
+    torch.testing.assert_close(soup.coefficients(h * 10), expected)
+
+
+@pytest.mark.parametrize("bad", [[1, 0, 0], [-1, 1, 1, 1], [0, 0, 0, 0], [float("nan"), 1, 0, 0]])
+def test_bad_domain_weights_are_rejected(tiny_soup_path: Path, bad: list[float]) -> None:
+    with pytest.raises(SoeError, match="domain weights"):
+        soe_sdk.load(tiny_soup_path).coefficients(bad)
+
+
+def test_bad_alpha_is_rejected(tiny_soup_path: Path) -> None:
+    soup = soe_sdk.load(tiny_soup_path)
+    with pytest.raises(SoeError, match="n=3"):
+        soup.instantiate([1.0])
+    with pytest.raises(SoeError, match="NaN"):
+        soup.instantiate([float("nan"), 0, 0])
+
+
+def test_tolerance_skips_small_experts_within_the_reported_bound(tiny_soup_path: Path) -> None:
+    soup = soe_sdk.load(tiny_soup_path)
+    alpha = torch.tensor([0.8, 0.01, -0.6])
+    exact = soup.instantiate(alpha)
+    approx = soup.instantiate(alpha, tolerance=0.05)
+    bound = soup.skipped_error_bound(alpha, 0.05)
+    worst = max(float((exact[k] - approx[k]).abs().max()) for k in exact)
+    assert 0 < worst <= bound + 1e-7
+    # exact zeros are skipped by default and change nothing
+    sparse = torch.tensor([0.8, 0.0, -0.6])
+    dropped = {k: v for k, v in soup.instantiate(sparse).items()}
+    manual = {k: soup.archive.tensor(f"shared.{k}") + 0.8 * soup.archive.tensor(f"experts.{k}")[0]
+              - 0.6 * soup.archive.tensor(f"experts.{k}")[2] for k in dropped}
+    for k in dropped:
+        torch.testing.assert_close(dropped[k], manual[k], rtol=1e-6, atol=1e-6)
+
+
+def test_plain_model_soup_with_no_experts(tmp_path: Path) -> None:
+    path = tmp_path / "generic.soe"
+    write_tiny_soup(path, n=0)
+    soup = soe_sdk.load(path)
+    assert soup.n == 0 and soup.coefficients([1, 1, 1, 1]).numel() == 0
+    theta = soup.instantiate(torch.zeros(0))
+    logits, _ = forward(theta, soup.model_config, torch.zeros(1, 5, dtype=torch.long))
+    assert torch.isfinite(logits).all()
+
+
+def test_low_rank_experts_merge_without_materialising_each_expert(tmp_path: Path) -> None:
+    path = tmp_path / "lowrank.soe"
+    write_tiny_soup(path, n=4, rank=2)
+    soup = soe_sdk.load(path)
+    alpha = torch.tensor([0.3, -1.2, 0.0, 0.7])
+    theta = soup.instantiate(alpha)
+    name = "h.0.mlp.fc.weight"
+    a, b = soup.archive.tensor(f"experts.{name}.A"), soup.archive.tensor(f"experts.{name}.B")
+    expected = soup.archive.tensor(f"shared.{name}") + sum(alpha[j] * a[j] @ b[j].T for j in range(4))
+    torch.testing.assert_close(theta[name], expected, rtol=1e-5, atol=1e-6)
+    assert torch.linalg.matrix_rank(theta[name] - soup.archive.tensor(f"shared.{name}")) <= 2 * 3
+
+
+def test_combine_parameter_is_differentiable() -> None:
+    shared = torch.randn(4, 5, requires_grad=True)
+    bank = torch.randn(3, 4, 5, requires_grad=True)
+    alpha = torch.randn(3, requires_grad=True)
+    combine_parameter(shared, bank, alpha).sum().backward()
+    torch.testing.assert_close(alpha.grad, bank.detach().sum(dim=(1, 2)))
+    torch.testing.assert_close(bank.grad[1], alpha.detach()[1] * torch.ones(4, 5))
+
+
+def test_half_precision_storage_computes_in_fp32(tmp_path: Path) -> None:
+    path = tmp_path / "half.soe"
+    write_tiny_soup(path, storage_dtype=torch.float16)
+    soup = soe_sdk.load(path)
+    assert soup.archive.tensor("shared.wte.weight").dtype == torch.float16
+    theta = soup.instantiate(soup.coefficients(soup.h_generic))
+    assert all(v.dtype == torch.float32 for v in theta.values())
+    assert soup.parameter_counts()["instantiated"] == soup.model_config.num_parameters()
