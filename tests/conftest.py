@@ -55,3 +55,52 @@ def tiny_soup_path(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.soe"
     write_tiny_soup(path)
     return path
+
+
+DOMAIN_TEXTS = {
+    "prose": ["The river ran slowly past the old mill, and the miller watched the water turn the wheel.",
+              "In the evening the village gathered in the square to hear the news from the city.",
+              "She wrote letters every week, describing the weather, the harvest and the neighbours."],
+    "python": ["def load(path):\n    with open(path) as handle:\n        return handle.read()\n",
+               "for index, value in enumerate(values):\n    if value is None:\n        continue\n    total += value\n",
+               "class Counter:\n    def __init__(self):\n        self.count = 0\n\n    def step(self):\n        self.count += 1\n"],
+    "french": ["Le fichier de configuration est lu au démarrage du service et chaque option est vérifiée.",
+               "La commande affiche la liste des paquets installés ainsi que leur version exacte.",
+               "Cette page de manuel décrit les options disponibles et les valeurs par défaut."],
+    "sql": ["SELECT name, email FROM users WHERE active = true ORDER BY name;",
+            "CREATE INDEX users_email_idx ON users (email);",
+            "UPDATE orders SET status = 'shipped' WHERE id IN (SELECT order_id FROM shipments);"],
+}
+
+
+def domain_documents(docs_per_domain: int = 30, seed: int = 0) -> tuple[list[str], list[int]]:
+    """Small multi-domain documents (shuffled sentences of each domain) and their domain ids."""
+    import random
+
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for label, sentences in enumerate(DOMAIN_TEXTS.values()):
+        for _ in range(docs_per_domain):
+            texts.append("\n".join(rng.choice(sentences) for _ in range(8)))
+            labels.append(label)
+    return texts, labels
+
+
+def make_workdir(root: Path, vocab_size: int = 300) -> Path:
+    """A trainer workdir (tokenizer, 4 domain shards, a generic eval set) built without embeddings."""
+    import numpy as np
+
+    from trainer.shards import write_domain_shards, write_token_file
+    from trainer.tokenizer import train_tokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    texts, labels = domain_documents()
+    tokenizer = train_tokenizer(texts, vocab_size)
+    (root / "tokenizer.json").write_text(tokenizer.to_str())
+    write_domain_shards(tokenizer, texts, labels, 4, root, progress=False)
+    (root / "eval").mkdir(exist_ok=True)
+    eval_texts, _ = domain_documents(3, seed=1)
+    write_token_file(tokenizer, eval_texts, root / "eval" / "generic.bin")
+    np.save(root / "centroids.npy", np.random.default_rng(0).standard_normal((4, 384)).astype(np.float32))
+    (root / "prepare.json").write_text('{"corpus": "tests", "embedder": {}}')
+    return root

@@ -354,3 +354,119 @@ def test_meta_distribution_draws_sparse_histograms():
     assert np.count_nonzero(h) == 5
     with pytest.raises(SoeError, match="support size s=3"):
         meta_distribution(4, 3, rng, usable=np.array([True, False, True, False]))
+
+
+# ------------------------------------------------------------------ the prepare pipeline
+
+def _file_state(root: Path) -> dict[str, tuple[int, int]]:
+    return {p.relative_to(root).as_posix(): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A prepared workdir for the `tiny` preset: two corpus shards, a generic eval set, one specialist."""
+    from trainer.prepare import prepare
+    from trainer.presets import get_preset
+
+    root = tmp_path_factory.mktemp("prep")
+    docs = _interleaved(2)
+    _write_jsonl_gz(root / "corpus" / "shard-0000.jsonl.gz", docs[:36])
+    _write_jsonl_gz(root / "corpus" / "shard-0001.jsonl.gz", docs[36:])
+    eval_path = _write_jsonl_gz(root / "generic_eval.jsonl.gz", [ENGLISH[0] + " Again.", CODE[1], FRENCH[2]])
+    spec = root / "specialists" / "french"
+    _write_jsonl_gz(spec / "train.jsonl.gz", FRENCH)  # the exact French documents of the corpus
+    _write_jsonl_gz(spec / "eval.jsonl.gz", [FRENCH[3] + " Fin.", FRENCH[7] + " Fin."])
+    preset = get_preset("tiny")
+    kwargs = dict(eval_path=eval_path, specialist_dirs=[spec], progress=False)
+    t0 = time.perf_counter()
+    summary = prepare(root / "corpus", root / "work", preset, **kwargs)
+    first_seconds = time.perf_counter() - t0
+    return {"root": root, "work": root / "work", "summary": summary, "preset": preset, "kwargs": kwargs,
+            "docs": docs, "first_seconds": first_seconds}
+
+
+def test_prepare_writes_consistent_workdir(prepared):
+    work, summary, docs = prepared["work"], prepared["summary"], prepared["docs"]
+    k = 4
+    for name in ["tokenizer.json", "embeddings.npy", "centroids.npy", "assignments.npy", "h_generic.npy",
+                 "stages.json", "prepare.json", "domains/index.json", "eval/index.json", "eval/generic.bin",
+                 "eval/french.bin", "eval/french.train.bin", "eval/french.h_hard.npy", "eval/french.h_soft.npy"]:
+        assert (work / name).is_file(), name
+    assert not list(work.rglob("*.tmp"))
+    assert json.loads((work / "prepare.json").read_text()) == json.loads(json.dumps(summary))
+
+    emb, cen, asg = (np.load(work / f) for f in ("embeddings.npy", "centroids.npy", "assignments.npy"))
+    assert emb.shape == (len(docs), 384) and emb.dtype == np.float32
+    assert cen.shape == (k, 384) and asg.shape == (len(docs),)
+    assert summary["k"] == k and summary["n_docs"] == len(docs) == sum(summary["docs_per_domain"])
+
+    tok = load_tokenizer(work / "tokenizer.json")
+    shards = DomainShards.open(work)
+    np.testing.assert_array_equal(shards.docs, np.bincount(asg, minlength=k))
+    for d in range(k):  # each domain file = its documents' tokens, in corpus order
+        expected = [t for i, doc in enumerate(docs) if asg[i] == d for t in tok.encode(doc).ids + [EOT_ID]]
+        np.testing.assert_array_equal(np.asarray(shards.domain(d)), expected)
+    h = np.load(work / "h_generic.npy")
+    np.testing.assert_allclose(h, shards.h_generic)
+    assert h.sum() == pytest.approx(1.0)
+
+    generic = np.fromfile(work / "eval" / "generic.bin", dtype=np.uint16)
+    assert summary["eval"]["generic"]["tokens"] == generic.size and (generic == EOT_ID).sum() == 3
+    # Algorithm 3 on the specialist's train docs, which are exactly the corpus's French documents:
+    # their histogram must match where those documents were assigned (up to one bf16 tie flip)
+    h_hard, h_soft = (np.load(work / "eval" / f"french.h_{m}.npy") for m in ("hard", "soft"))
+    french_ids = [docs.index(t) for t in FRENCH]
+    expected_hard = np.bincount(asg[french_ids], minlength=k) / len(FRENCH)
+    assert np.abs(h_hard - expected_hard).sum() <= 2 / len(FRENCH) + 1e-9
+    assert h_soft.shape == (k,) and h_soft.sum() == pytest.approx(1.0) and np.all(h_soft > 0)
+    top = summary["eval"]["french"]["top_domains_hard"]
+    assert top[0][0] == int(np.argmax(h_hard))
+
+
+def test_prepare_rerun_reuses_every_stage(prepared):
+    from trainer.prepare import prepare
+
+    work = prepared["work"]
+    before_files = _file_state(work)
+    before_stages = (work / "stages.json").read_text()
+    summary = prepare(prepared["root"] / "corpus", work, prepared["preset"], **prepared["kwargs"])
+    assert set(summary["timings"].values()) == {"cached"}
+    assert (work / "stages.json").read_text() == before_stages
+    after = _file_state(work)
+    for name, state in before_files.items():
+        if name not in ("prepare.json", "eval/index.json"):  # summaries are rewritten every run
+            assert after[name] == state, name
+
+
+def test_prepare_reruns_only_stages_whose_inputs_changed(prepared, tmp_path):
+    import shutil
+
+    from trainer.prepare import prepare
+
+    work = tmp_path / "work"
+    shutil.copytree(prepared["work"], work)
+    preset = prepared["preset"].replace(clusters=(3, 1))
+    summary = prepare(prepared["root"] / "corpus", work, preset, **prepared["kwargs"])
+    t = summary["timings"]
+    assert t["tokenizer"] == t["embeddings"] == t["eval:generic"] == "cached"
+    assert all(isinstance(t[s], float) for s in ("clusters", "shards", "eval:french"))
+    assert summary["k"] == 3 and DomainShards.open(work).k == 3
+    assert np.load(work / "eval" / "french.h_hard.npy").shape == (3,)
+
+
+def test_prepare_with_given_tokenizer_and_bad_inputs(prepared, tmp_path):
+    from trainer.prepare import prepare
+
+    root = prepared["root"]
+    summary = prepare(root / "corpus", tmp_path / "w", prepared["preset"], max_docs=20, progress=False,
+                      tokenizer_path=prepared["work"] / "tokenizer.json")
+    assert summary["n_docs"] == 20 and summary["eval"] == {}
+    assert load_tokenizer(tmp_path / "w" / "tokenizer.json").get_vocab() == \
+        load_tokenizer(prepared["work"] / "tokenizer.json").get_vocab()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SoeError, match="no documents found"):
+        prepare(tmp_path / "empty", tmp_path / "w2", prepared["preset"], progress=False)
+    with pytest.raises(SoeError, match="no train file"):
+        prepare(root / "corpus", tmp_path / "w", prepared["preset"], progress=False,
+                specialist_dirs=[tmp_path / "empty"])

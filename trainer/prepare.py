@@ -45,8 +45,11 @@ def _digest(obj: Any) -> str:
 
 def _fingerprint(path: str | os.PathLike) -> list[list]:
     """Names, sizes and mtimes of the files behind `path`: cheap change detection."""
+    path = Path(path)
+    if not path.exists():
+        raise SoeError(f"{path}: no such file or folder")
     out = []
-    for f in corpus_files(path) if Path(path).is_dir() else [Path(path)]:
+    for f in corpus_files(path) if path.is_dir() else [path]:
         st = f.stat()
         out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
     return out
@@ -127,6 +130,11 @@ def prepare(corpus: str | os.PathLike, workdir: str | os.PathLike, preset: Prese
     if not corpus_fp:
         raise SoeError(f"{corpus}: no documents found (supported: {', '.join(SUPPORTED_SUFFIXES)})")
     specialists = [Path(d) for d in specialist_dirs]
+    # validate every input before any stage runs, so a typo does not cost an hour of embedding
+    splits = {d: (_split_file(d, "train"), _split_file(d, "eval")) for d in specialists}
+    eval_fp = _fingerprint(eval_path) if eval_path is not None else None
+    if eval_path is not None and not eval_fp:
+        raise SoeError(f"{eval_path}: no documents found (supported: {', '.join(SUPPORTED_SUFFIXES)})")
     names = [d.name for d in specialists]
     if len(set(names)) != len(names):
         raise SoeError(f"specialist folders must have distinct names, got {', '.join(names)}")
@@ -231,13 +239,13 @@ def prepare(corpus: str | os.PathLike, workdir: str | os.PathLike, preset: Prese
             n = write_token_file(tokenizer, iter_documents(eval_path), out, progress=progress, desc="eval generic")
             return {"tokens": n}
 
-        _, info = stages.run("eval:generic", {"eval": _fingerprint(eval_path), "tokenizer": tok_hash},
+        _, info = stages.run("eval:generic", {"eval": eval_fp, "tokenizer": tok_hash},
                              [out], run_generic)
         eval_summary["generic"] = {"file": out.name, **info}
 
     for folder in specialists:
         name = folder.name
-        train_file, eval_file = _split_file(folder, "train"), _split_file(folder, "eval")
+        train_file, eval_file = splits[folder]
         outs = {"eval": eval_dir / f"{name}.bin", "train": eval_dir / f"{name}.train.bin",
                 "h_hard": eval_dir / f"{name}.h_hard.npy", "h_soft": eval_dir / f"{name}.h_soft.npy"}
 
