@@ -76,8 +76,53 @@ def info_main(archive: Path, as_json: bool, no_verify: bool) -> None:
     click.echo("\n".join(lines))
 
 
-def export_main() -> None:  # replaced by the specialisation CLI
-    raise SystemExit("soe-export is not available yet")
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--docs", required=True, type=click.Path(path_type=Path),
+              help="Folder (searched recursively) or file of your documents: txt, md, html, pdf, docx, json, csv, code…")
+@click.option("--format", "fmt", default="onnx", show_default=True,
+              help="onnx, onnx-int8, onnx-int4, hf, gguf or safetensors.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (replaced atomically).")
+@click.option("--soup", type=click.Path(path_type=Path), help="Soup archive (.soe); default: the bundled demo soup.")
+@click.option("--refine", is_flag=True, help="Tune α by gradient descent on the documents (early-stopped).")
+@click.option("--finetune-tokens", type=int, help="Then fine-tune all parameters on up to N tokens of the documents.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where to embed, merge and refine (default: cpu).")
+@click.option("--max-docs", type=int, help="Use at most N chunks of the documents.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--assignment", default="hard", show_default=True, type=click.Choice(["hard", "soft"]),
+              help="Nearest centroid per chunk (paper Algorithm 3) or a softmax over distances.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def export_main(docs: Path, fmt: str, out: Path, soup: Path | None, refine: bool, finetune_tokens: int | None,
+                device: str | None, max_docs: int | None, seed: int, assignment: str, quiet: bool) -> None:
+    """Build a specialist model for your documents from a Soup-of-Experts and export it."""
+    import time
+
+    from exporters import FORMATS
+
+    from .report import plot_domain_weights, report_dict, summary_text, write_json
+    from .specialist import specialize
+
+    if fmt not in FORMATS:
+        _fail(SoeError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}"))
+    if out.exists() and not out.is_dir():
+        _fail(SoeError(f"{out}: exists and is not a folder"))
+    try:
+        spec = specialize(docs, soup=soup, refine=refine, device=device, max_docs=max_docs, seed=seed,
+                          finetune=finetune_tokens, assignment=assignment, progress=not quiet)
+        t = time.perf_counter()
+        result = spec.export(out, fmt)
+        spec.timings["export"] = time.perf_counter() - t
+        validation = getattr(result, "validation", {}) or {}
+        if "seconds" in validation:
+            spec.timings["validate"] = float(validation["seconds"])
+            spec.timings["export"] -= spec.timings["validate"]
+        write_json(out / "report.json", report_dict(spec, export={"format": fmt, "validation": validation}))
+        plot_domain_weights(spec.domain_weights, out / "domain_weights.png")
+    except SoeError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        _fail(SoeError("interrupted; the output folder was left as it was"))
+    click.echo(summary_text(spec))
+    click.echo(f"wrote {fmt} specialist to {out}/ (report.json, domain_weights.png)")
 
 
 if __name__ == "__main__":  # python -m soe_sdk.cli info|export ...

@@ -232,7 +232,7 @@ def test_gguf_runs_in_llama_cpp(model, exported):
     llama_cpp = pytest.importorskip("llama_cpp")
     params, tok = model
     llm = llama_cpp.Llama(model_path=str(exported["gguf"] / "model.gguf"), n_ctx=CONFIG.max_seq_len,
-                          logits_all=True, verbose=False, seed=0)
+                          logits_all=True, verbose=False, seed=0, type_k=0, type_v=0)  # f32 KV cache
     prompt = Tokenizer.from_str(tok).encode("the quick brown").ids
     assert llm.tokenize("the quick brown".encode(), add_bos=False, special=False) == prompt
     llm.eval(prompt)

@@ -121,6 +121,6 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path, sharding: str)
 def _initial_shared(work: Path) -> torch.Tensor:
     from soe_sdk.config import RouterConfig, SoupConfig
     from soe_sdk.soup import init_soup
-    from trainer.flat import FlatLayout
+    from soe_sdk.flat import FlatLayout
     config = SoupConfig(TINY.model, RouterConfig(k=4, n=TINY.experts, hidden=TINY.router_hidden))
     return FlatLayout.for_model(config.model).flatten(init_soup(config, 1), "shared.")

@@ -24,7 +24,7 @@ from soe_sdk.errors import SoeError
 from . import checkpoint as ckpt
 from . import distributed as dd
 from .evaluate import load_eval_sets, windows_loss
-from .flat import FlatLayout
+from soe_sdk.flat import FlatLayout
 from .optim import lr_at
 from .presets import Preset
 from .sampling import meta_distribution, sample_batch, usable_domains

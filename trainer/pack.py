@@ -12,7 +12,7 @@ from soe_sdk.errors import SoeError
 from soe_sdk.soup import write_soup
 
 from . import checkpoint as ckpt
-from .flat import FlatLayout
+from soe_sdk.flat import FlatLayout
 from .shards import DomainShards
 
 

@@ -17,7 +17,7 @@ from soe_sdk.config import SoupConfig
 from soe_sdk.model import next_token_loss
 from soe_sdk.soup import ROUTER_NAMES, init_soup, router_forward
 
-from .flat import FlatLayout
+from soe_sdk.flat import FlatLayout
 from .optim import FlatAdamW
 
 

@@ -9,7 +9,7 @@ Flat storage turns the soup's extra work into a few large BLAS calls per micro-b
 where g = ∇_Θ ℓ comes from one ordinary backward pass through the merged model, instead
 of autograd building n per-expert graphs. Matrices are laid out first so weight decay
 applies to the prefix [0, decay_end) only. A contiguous slice of the flat vector is also
-the unit of bank sharding (trainer/distributed.py).
+the unit of bank sharding (see trainer/distributed.py).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from soe_sdk.config import ModelConfig
+from .config import ModelConfig
 
 
 @dataclass(frozen=True)
