@@ -180,7 +180,17 @@ def test_smaller_onnx_variants_load_and_run(fmt, model, exported):
     runner = OnnxSpecialist.load(folder)
     logits = runner.logits(runner.tokenizer.encode(SENTENCES[0]).ids)
     assert logits.shape[-1] == CONFIG.vocab_size and np.isfinite(logits).all()
-    assert len(runner.generate_ids([5, 6, 7], 10)) >= 1
+    ours = runner.generate_ids([5, 6, 7], 10)
+    assert len(ours) >= 1
+    og = pytest.importorskip("onnxruntime_genai")
+    og_model = og.Model(str(folder))
+    search = og.GeneratorParams(og_model)
+    search.set_search_options(max_length=3 + len(ours))
+    generator = og.Generator(og_model, search)
+    generator.append_tokens([5, 6, 7])
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert [int(t) for t in generator.get_sequence(0)][3:] == ours  # same graph, same greedy tokens
     ops = {n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node}
     if fmt == "onnx-int4":
         assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
@@ -238,7 +248,9 @@ def test_gguf_runs_in_llama_cpp(model, exported):
     llm.eval(prompt)
     ref, _ = forward(params, CONFIG, torch.tensor([prompt]))
     got = np.asarray(llm.scores[:len(prompt)])
-    assert np.abs(got - ref[0].numpy()).max() <= 1e-3
+    # ggml evaluates GELU through an fp16 lookup table: ~2e-3 off, never enough to move the argmax here
+    assert np.abs(got - ref[0].numpy()).max() <= 1e-2
+    assert (got.argmax(-1) == ref[0].numpy().argmax(-1)).all()
     greedy = []
     for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
         greedy.append(token)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from .tokenizer import EOT, EOT_ID
 DOMAINS_DIR = "domains"
 INDEX_FILE = "index.json"
 _ENCODE_BATCH_DOCS = 256
-_FLUSH_TOKENS = 1 << 20  # per-domain buffer size before a write
+_MAX_OPEN_MAPS = 256
+_FLUSH_TOKENS = 1 << 25  # tokens buffered (all domains together) before they are written out
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -88,31 +90,37 @@ def write_domain_shards(tokenizer: Tokenizer, texts: Iterable[str], assignments:
     counts = np.zeros(k, dtype=np.int64)
     docs = np.zeros(k, dtype=np.int64)
     buffers: list[list[np.ndarray]] = [[] for _ in range(k)]
-    buffered = np.zeros(k, dtype=np.int64)
-    files = [open(tmp / f"{i:04d}.bin", "wb") for i in range(k)]
+    buffered = 0
     n_docs = 0
-    try:
-        with tqdm(total=len(assignments), desc="shards", unit="doc", disable=not progress) as bar:
-            for ids in encode_documents(tokenizer, texts):
-                if n_docs >= len(assignments):
-                    raise SoeError("corpus has more documents than domain assignments (corpus changed?)")
-                d = int(assignments[n_docs])
-                arr = np.asarray(ids, dtype=dtype)
-                buffers[d].append(arr)
-                buffered[d] += arr.size
-                counts[d] += arr.size
-                docs[d] += 1
-                n_docs += 1
-                if buffered[d] >= _FLUSH_TOKENS:
-                    files[d].write(np.concatenate(buffers[d]).tobytes())
-                    buffers[d], buffered[d] = [], 0
-                bar.update(1)
+
+    def flush() -> None:
+        # append-and-close: at k = 4096 domains, one open file per domain would exceed the fd limit
         for d in range(k):
             if buffers[d]:
-                files[d].write(np.concatenate(buffers[d]).tobytes())
-    finally:
-        for fh in files:
-            fh.close()
+                with open(tmp / f"{d:04d}.bin", "ab") as fh:
+                    fh.write(np.concatenate(buffers[d]).tobytes())
+                buffers[d] = []
+
+    for d in range(k):
+        (tmp / f"{d:04d}.bin").touch()
+    with tqdm(total=len(assignments), desc="shards", unit="doc", disable=not progress) as bar:
+        for ids in encode_documents(tokenizer, texts):
+            if n_docs >= len(assignments):
+                shutil.rmtree(tmp)
+                raise SoeError(f"corpus has more than {len(assignments)} documents, the number of domain "
+                               "assignments (corpus changed?)")
+            d = int(assignments[n_docs])
+            arr = np.asarray(ids, dtype=dtype)
+            buffers[d].append(arr)
+            buffered += arr.size
+            counts[d] += arr.size
+            docs[d] += 1
+            n_docs += 1
+            if buffered >= _FLUSH_TOKENS:
+                flush()
+                buffered = 0
+            bar.update(1)
+    flush()
     if n_docs != len(assignments):
         shutil.rmtree(tmp)
         raise SoeError(f"corpus has {n_docs} documents but {len(assignments)} domain assignments (corpus changed?)")
@@ -138,7 +146,7 @@ class DomainShards:
         self.docs = np.asarray(index.get("docs", [0] * self.k), dtype=np.int64)
         if self.counts.shape != (self.k,):
             raise SoeError(f"{root / INDEX_FILE}: expected {self.k} token counts, got {self.counts.size}")
-        self._maps: dict[int, np.ndarray] = {}
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
 
     @classmethod
     def open(cls, workdir: str | os.PathLike) -> "DomainShards":
@@ -164,13 +172,21 @@ class DomainShards:
         """The tokens of domain i as a read-only memmap (an empty array for an empty domain)."""
         if not 0 <= i < self.k:
             raise IndexError(f"domain {i} outside [0, {self.k})")
-        if i not in self._maps:
-            path = self.root / f"{i:04d}.bin"
-            if self.counts[i] == 0:
-                self._maps[i] = np.zeros(0, dtype=self.dtype)  # np.memmap refuses empty files
-            else:
+        if i in self._maps:
+            self._maps.move_to_end(i)
+            return self._maps[i]
+        path = self.root / f"{i:04d}.bin"
+        if self.counts[i] == 0:
+            arr = np.zeros(0, dtype=self.dtype)  # np.memmap refuses empty files
+        else:
+            try:
                 size = path.stat().st_size // self.dtype.itemsize
-                if size != self.counts[i]:
-                    raise SoeError(f"{path}: holds {size} tokens, index says {self.counts[i]}")
-                self._maps[i] = np.memmap(path, dtype=self.dtype, mode="r", shape=(size,))
-        return self._maps[i]
+            except FileNotFoundError:
+                raise SoeError(f"{path}: missing (re-run `soe-train prepare`)") from None
+            if size != self.counts[i]:
+                raise SoeError(f"{path}: holds {size} tokens, index says {self.counts[i]}")
+            arr = np.memmap(path, dtype=self.dtype, mode="r", shape=(size,))
+        self._maps[i] = arr
+        if len(self._maps) > _MAX_OPEN_MAPS:  # each memmap holds a file descriptor
+            self._maps.popitem(last=False)
+        return arr
