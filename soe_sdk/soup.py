@@ -283,8 +283,15 @@ def write_soup(path: str | Path, tensors: Mapping[str, Tensor], config: SoupConf
     S and E are stored in `storage_dtype` (fp16/bf16 halve the file; loading computes in
     fp32); φ, centroids and h_generic stay fp32. Returns the archive's SHA-256.
     """
+    from tokenizers import Tokenizer
+
     from . import __version__
     from .archive import write_archive
+
+    vocab = Tokenizer.from_str(tokenizer_json).get_vocab_size()
+    if vocab > config.model.vocab_size:
+        raise SoeError(f"{path}: the tokenizer has {vocab} tokens but the model's vocabulary is "
+                       f"{config.model.vocab_size}")
 
     def ordered() -> Iterator[tuple[str, Tensor]]:
         for name in config.model.parameter_shapes():

@@ -13,10 +13,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from soe_sdk.config import EmbedderSpec, ModelConfig, RouterConfig, SoupConfig  # noqa: E402
 from soe_sdk.soup import init_soup, write_soup  # noqa: E402
 
-TINY_MODEL = ModelConfig(vocab_size=96, max_seq_len=32, d_model=32, n_layers=2, n_heads=2, d_mlp=64)
+TINY_MODEL = ModelConfig(vocab_size=300, max_seq_len=32, d_model=32, n_layers=2, n_heads=2, d_mlp=64)
 
 
-def tiny_tokenizer_json(vocab_size: int = 96) -> str:
+def tiny_tokenizer_json(vocab_size: int = 300) -> str:
     """A real byte-level BPE tokenizer trained on a few sentences."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 

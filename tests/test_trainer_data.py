@@ -13,6 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from soe_sdk.errors import SoeError
 from trainer.corpus import corpus_files, iter_documents
@@ -219,6 +221,12 @@ def test_tokenizer_round_trips_any_text(tokenizer):
     assert EOT_ID not in tokenizer.encode(f"a {EOT} b").ids
     # merges were learned: common words take fewer tokens than bytes
     assert len(tokenizer.encode(ENGLISH[0]).ids) < 0.6 * len(ENGLISH[0].encode())
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=200))
+def test_tokenizer_round_trip_property(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text).ids) == text
 
 
 def test_tokenizer_save_load(tokenizer, tmp_path):

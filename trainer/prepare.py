@@ -290,6 +290,7 @@ def prepare(corpus: str | os.PathLike, workdir: str | os.PathLike, preset: Prese
         "docs_per_domain": shards.docs.tolist(),
         "tokens_per_domain": shards.counts.tolist(),
         "total_tokens": int(shards.counts.sum()),
+        "tokens": int(shards.counts.sum()),  # alias read by the CLI
         "h_generic": [round(float(x), 6) for x in shards.h_generic],
         "vocab_size": tokenizer.get_vocab_size(),
         "token_dtype": dtype,

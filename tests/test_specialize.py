@@ -1,0 +1,140 @@
+"""docs → h → α → Θ through the public API and the soe-export CLI, on a tiny real soup."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import soe_sdk
+from soe_sdk.config import EmbedderSpec, RouterConfig, SoupConfig
+from soe_sdk.embedding import Embedder
+from soe_sdk.errors import SoeError
+from soe_sdk.refine import refine_alpha
+from soe_sdk.soup import write_soup
+from soe_sdk.specialist import specialize
+from soe_sdk.tokens import split_heldout, windows
+
+from .conftest import DOMAIN_TEXTS, TINY_MODEL, domain_documents, make_soup_tensors, tiny_tokenizer_json
+
+
+@pytest.fixture(scope="module")
+def soup_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny soup whose 4 centroids are real MiniLM embeddings of the 4 test domains."""
+    embedder = Embedder.from_spec(EmbedderSpec())
+    centroids = np.stack([embedder.encode(sentences).mean(axis=0) for sentences in DOMAIN_TEXTS.values()])
+    config = SoupConfig(TINY_MODEL, RouterConfig(k=4, n=3, hidden=8))
+    path = tmp_path_factory.mktemp("soup") / "tiny.soe"
+    write_soup(path, make_soup_tensors(config, 3), config, centroids=centroids, h_generic=np.full(4, 0.25),
+               embedder=EmbedderSpec(), tokenizer_json=tiny_tokenizer_json(TINY_MODEL.vocab_size),
+               provenance={"corpus": "test"})
+    return path
+
+
+def _docs_folder(root: Path, domain: int, count: int = 6) -> Path:
+    texts, labels = domain_documents(10, seed=2)
+    root.mkdir(parents=True, exist_ok=True)
+    picked = [t for t, label in zip(texts, labels) if label == domain][:count]
+    for i, text in enumerate(picked):
+        (root / f"doc{i}.txt").write_text(text)
+    return root
+
+
+def test_h_puts_mass_on_the_documents_domain(soup_path: Path, tmp_path: Path) -> None:
+    for domain in (1, 3):
+        spec = specialize(_docs_folder(tmp_path / f"d{domain}", domain), soup=soup_path)
+        assert spec.domain_weights.sum() == pytest.approx(1.0)
+        assert int(np.argmax(spec.domain_weights)) == domain
+        torch.testing.assert_close(spec.alpha, soe_sdk.load(soup_path).coefficients(spec.domain_weights))
+        assert spec.top_domains[0][0] == domain
+
+
+def test_specialist_api(soup_path: Path, tmp_path: Path) -> None:
+    spec = specialize(_docs_folder(tmp_path / "docs", 0), soup=soup_path, seed=1)
+    assert set(spec.params) == set(TINY_MODEL.parameter_shapes())
+    assert spec.config == TINY_MODEL and spec.tokenizer.get_vocab_size() <= TINY_MODEL.vocab_size
+    assert np.isfinite(spec.loss(["The river ran past the mill."]))
+    text = spec.generate("The river", max_new_tokens=5)
+    assert isinstance(text, str)
+    assert spec.generate("The river", max_new_tokens=5, temperature=1.0, seed=3) == \
+        spec.generate("The river", max_new_tokens=5, temperature=1.0, seed=3)
+    again = specialize(_docs_folder(tmp_path / "docs", 0), soup=soup_path, seed=1)
+    for name in spec.params:  # same inputs and seed → same specialist
+        assert torch.equal(spec.params[name], again.params[name])
+
+
+def test_refinement_never_ends_worse_than_it_started(soup_path: Path) -> None:
+    soup = soe_sdk.load(soup_path)
+    texts, _ = domain_documents(8, seed=4)
+    train_texts, val_texts = split_heldout(texts, 0.25)
+    tok = soup.tokenizer()
+    train, val = windows(tok, train_texts, TINY_MODEL.max_seq_len), windows(tok, val_texts, TINY_MODEL.max_seq_len)
+    alpha0 = soup.coefficients([0.25] * 4)
+    for lr in (0.05, 5.0):  # a sane and a wild learning rate
+        alpha, fit = refine_alpha(soup, alpha0, train, val, max_steps=20, lr=lr, eval_every=2)
+        assert fit.val_after <= fit.val_before
+        assert np.isfinite(alpha.numpy()).all()
+
+
+def _export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "soe_sdk.cli", "export", "--quiet", *args],
+                          capture_output=True, text=True)
+
+
+def test_soe_export_writes_the_folder_contract(soup_path: Path, tmp_path: Path) -> None:
+    docs = _docs_folder(tmp_path / "docs", 2)
+    (docs / "broken.pdf").write_bytes(b"%PDF-1.4 truncated")
+    out = tmp_path / "out"
+    result = _export("--docs", str(docs), "--format", "safetensors", "--out", str(out), "--soup", str(soup_path),
+                     "--refine")
+    assert result.returncode == 0, result.stderr
+    assert "corrupt pdf: 1" in result.stdout and "held-out" in result.stdout
+    for name in ("model.safetensors", "tokenizer.json", "specialist.json", "report.json", "domain_weights.png",
+                 "README.md", "config.json"):
+        assert (out / name).exists(), name
+    card = json.loads((out / "specialist.json").read_text())
+    for key in ("format_version", "soup_sha256", "domain_weights", "alpha", "model_config", "docs", "refined",
+                "sdk_version"):
+        assert key in card
+    assert card["refined"] is True and card["model_config"]["vocab_size"] == TINY_MODEL.vocab_size
+    assert card["docs"]["count"] == 6 and len(card["docs"]["fingerprint"]) == 64
+    assert card["soup_sha256"] == soe_sdk.load(soup_path).archive.file_sha256()
+    report = json.loads((out / "report.json").read_text())
+    assert {"read", "embed", "assign", "merge", "export"} <= set(report["timings_s"])
+
+
+@pytest.mark.parametrize("case", ["no-docs", "empty-docs", "missing-soup", "unwritable-out", "bad-format"])
+def test_soe_export_bad_invocations_fail_cleanly(soup_path: Path, tmp_path: Path, case: str) -> None:
+    docs = _docs_folder(tmp_path / "docs", 0, 2)
+    out = tmp_path / "out"
+    args = {"--docs": str(docs), "--format": "safetensors", "--out": str(out), "--soup": str(soup_path)}
+    if case == "no-docs":
+        args["--docs"] = str(tmp_path / "nowhere")
+    elif case == "empty-docs":
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "blank.txt").write_text("   \n")
+        args["--docs"] = str(tmp_path / "empty")
+    elif case == "missing-soup":
+        args["--soup"] = str(tmp_path / "missing.soe")
+    elif case == "unwritable-out":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "out"
+        args["--out"] = str(out)
+    else:
+        args["--format"] = "pickle"
+    result = _export(*[x for kv in args.items() for x in kv])
+    assert result.returncode != 0
+    message = result.stderr.strip()
+    assert message.startswith("error:") and "\n" not in message and "Traceback" not in message
+    assert not out.exists()
+
+
+def test_missing_default_soup_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from soe_sdk import specialist as module
+    monkeypatch.setattr(module, "ASSETS", tmp_path)
+    with pytest.raises(SoeError, match="bundled demo soup is missing"):
+        specialize(["some text"])
