@@ -207,8 +207,9 @@ def _check_same_run(saved: dict[str, Any], config: SoupConfig, sharding: str, wo
 
 
 def _clip(grads: dict[str, torch.Tensor], max_norm: float, state: SoupState, bank: bool) -> float:
-    flat_sq = sum(float(grads[k].double().pow(2).sum()) for k in ("S", "E"))
-    router_sq = sum(float(v.double().pow(2).sum()) for k, v in grads.items() if k not in ("S", "E"))
+    sq = lambda t: float(torch.linalg.vector_norm(t)) ** 2 if t.numel() else 0.0  # noqa: E731
+    flat_sq = sq(grads["S"]) + sq(grads["E"])
+    router_sq = sum(sq(v) for k, v in grads.items() if k not in ("S", "E"))
     if bank:
         flat_sq = float(dd.all_reduce_sum(torch.tensor([flat_sq], dtype=torch.float64))[0])
     norm = math.sqrt(flat_sq + router_sq)

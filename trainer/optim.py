@@ -1,8 +1,9 @@
 """AdamW over a handful of large flat tensors, and the warmup + cosine learning-rate schedule.
 
 torch.optim.AdamW cannot decay only a prefix of one flat tensor, and the soup keeps its
-parameters flat (trainer/flat.py) — so the update is written out here, in place, with the
-same arithmetic as the decoupled-weight-decay Adam of Loshchilov & Hutter.
+parameters flat (soe_sdk/flat.py): so the decoupled weight decay is applied here to the
+matrix prefix, and the moment update runs through PyTorch's fused AdamW kernel (one pass
+over memory instead of one per arithmetic operation).
 """
 from __future__ import annotations
 
@@ -41,20 +42,17 @@ class FlatAdamW:
 
     @torch.no_grad()
     def step(self, grads: dict[str, Tensor], lr: float) -> None:
+        """One AdamW update: decay the matrix prefix, then PyTorch's fused Adam kernel (one pass)."""
         self.step_count += 1
         b1, b2 = self.betas
-        bc1 = 1 - b1 ** self.step_count
-        bc2 = 1 - b2 ** self.step_count
         for name, p in self.params.items():
-            g = grads[name]
-            m, v = self.exp_avg[name], self.exp_avg_sq[name]
             end = self.decay_end.get(name, 0)
             if self.weight_decay and end:
                 p[..., :end].mul_(1 - lr * self.weight_decay)
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (v / bc2).sqrt_().add_(self.eps)
-            p.addcdiv_(m, denom, value=-lr / bc1)
+            step = torch.tensor(float(self.step_count), device=p.device)
+            torch._fused_adamw_([p], [grads[name]], [self.exp_avg[name]], [self.exp_avg_sq[name]], [], [step],
+                                lr=lr, beta1=b1, beta2=b2, weight_decay=0.0, eps=self.eps, amsgrad=False,
+                                maximize=False)
 
     def state_tensors(self) -> dict[str, Tensor]:
         out = {f"opt.m.{k}": v for k, v in self.exp_avg.items()}
@@ -66,18 +64,3 @@ class FlatAdamW:
             self.exp_avg[name].copy_(tensors[f"opt.m.{name}"])
             self.exp_avg_sq[name].copy_(tensors[f"opt.v.{name}"])
         self.step_count = step_count
-
-
-def clip_grads_(grads: dict[str, Tensor], max_norm: float, extra_sq_norm: Tensor | None = None) -> float:
-    """Scale gradients in place so their global L2 norm is at most `max_norm`; return the norm.
-
-    `extra_sq_norm` adds squared norm held elsewhere (other ranks' slices under bank sharding).
-    """
-    sq = sum((g.float().pow(2).sum() for g in grads.values()), torch.zeros(()))
-    if extra_sq_norm is not None:
-        sq = sq + extra_sq_norm
-    norm = float(sq.sqrt())
-    if max_norm > 0 and norm > max_norm:
-        for g in grads.values():
-            g.mul_(max_norm / (norm + 1e-6))
-    return norm
