@@ -120,6 +120,7 @@ class EmbedderSpec:
     normalize: bool = True
     max_seq_length: int = 256
     precision: str = "bf16"  # "fp32" or "bf16" (autocast on CPU); see soe_sdk/embedding.py
+    max_chars: int | None = None  # embed only the first max_chars characters of each text (None: all)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

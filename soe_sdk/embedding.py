@@ -176,6 +176,8 @@ class Embedder:
         if isinstance(texts, str):
             raise SoeError("encode: expected a list of texts, got a single string")
         texts = list(texts)
+        if self.spec.max_chars:  # the centroids were computed from text heads of this length
+            texts = [t[:self.spec.max_chars] if isinstance(t, str) else t for t in texts]
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise SoeError(f"encode: text #{i} is a {type(text).__name__}, not a string")

@@ -64,9 +64,17 @@ def pack(workdir: str | Path, out: str | Path, run: str = "soup") -> str:
     storage = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     dtype = storage.get(str(run_meta.get("storage_dtype", "float32")), torch.float32)
     return write_soup(out, tensors, config, centroids=np.load(workdir / "centroids.npy"),
-                      h_generic=shards.h_generic, embedder=EmbedderSpec.from_dict(prep.get("embedder", {})),
+                      h_generic=shards.h_generic, embedder=_embedder_spec(prep),
                       tokenizer_json=(workdir / "tokenizer.json").read_text(), provenance=provenance,
                       storage_dtype=dtype)
+
+
+def _embedder_spec(prep: dict) -> EmbedderSpec:
+    """The embedder as prepare ran it, including how many characters of each document it read."""
+    spec = dict(prep.get("embedder", {}))
+    if prep.get("embed_chars"):
+        spec["max_chars"] = int(prep["embed_chars"])
+    return EmbedderSpec.from_dict(spec)
 
 
 def _is_bank(ckpt_dir: Path, step: int) -> bool:

@@ -18,7 +18,8 @@ class Preset:
     # data preparation
     vocab_size: int = 4096
     clusters: tuple[int, int] = (4, 4)  # (k1, k2): hierarchical k-means, k = k1·k2 domains
-    embed_chars: int = 2000  # characters of each document that are embedded for clustering
+    embed_chars: int = 2000  # characters of each document that are embedded (clustering and, via the
+    # archive's embedder spec, specialisation); short heads make embedding fast on a CPU
     # soup
     experts: int = 16
     expert_rank: int = 0
@@ -55,7 +56,7 @@ PRESETS: dict[str, Preset] = {
     "cpu-demo": Preset(
         name="cpu-demo",
         model=ModelConfig(vocab_size=4096, max_seq_len=128, d_model=128, n_layers=4, n_heads=4, d_mlp=512),
-        vocab_size=4096, clusters=(8, 8), embed_chars=1500, experts=16, router_hidden=128, support_size=4,
+        vocab_size=4096, clusters=(8, 8), embed_chars=128, experts=16, router_hidden=128, support_size=4,
         batch_size=16, grad_accum=1, max_steps=6000, lr=2e-3, warmup_steps=200, eval_every=1000,
         eval_tokens=16_384, checkpoint_every=500, storage_dtype="float16",
     ),
