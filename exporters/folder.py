@@ -80,7 +80,7 @@ def model_card(metadata: dict[str, Any], config: ModelConfig, title: str, usage:
     return "\n".join(lines)
 
 
-def _swap_into_place(staged: Path, out_dir: Path) -> None:
+def swap_into_place(staged: Path, out_dir: Path) -> None:
     """Put `staged` at `out_dir`; an existing folder is renamed away first and deleted last."""
     if not out_dir.exists():
         os.rename(staged, out_dir)
@@ -118,7 +118,7 @@ def write_export(out_dir: str | Path, spec: FolderSpec, config: ModelConfig, tok
                      "validation": validation})
         write_json(staged / "specialist.json", info)
         files["specialist.json"] = (staged / "specialist.json").stat().st_size
-        _swap_into_place(staged, out_dir)
+        swap_into_place(staged, out_dir)
     except ExportError:
         shutil.rmtree(staged, ignore_errors=True)
         raise

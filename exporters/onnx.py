@@ -7,7 +7,9 @@ names every past length separately.
 """
 from __future__ import annotations
 
+
 import io
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -227,12 +229,14 @@ def export_onnx_variant(params: Mapping[str, Tensor], config: ModelConfig, token
             onnx.save(graph, str(path))
         else:
             transform(graph, path)
+        started = time.perf_counter()
         run = session_runner(path, config, tokenizer)
         if transform is None:
             figures = validate.check_parity(fmt, params, config, run, tol=PARITY_TOL)
         else:
             figures = validate.check_quality(fmt, params, config, run, validate.sample_tokens(tokenizer, config))
             figures["decoding"] = validate.check_decoding(fmt, params, config, run)
+        figures["seconds"] = round(time.perf_counter() - started, 3)
         write_json(folder / "genai_config.json", genai_config(config, eos))
         write_tokenizer_config(folder, config)
         return figures

@@ -15,6 +15,19 @@ def _fail(exc: Exception) -> None:
     sys.exit(1)
 
 
+def _unwritable(out: Path) -> str | None:
+    """Why the folder `out` could not be created, judged from its nearest existing ancestor."""
+    import os
+    ancestor = out.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"no permission to write in {ancestor}"
+    return None
+
+
 def _human(count: float) -> str:
     for unit in ("", "K", "M", "B"):
         if abs(count) < 1000:
@@ -76,6 +89,38 @@ def info_main(archive: Path, as_json: bool, no_verify: bool) -> None:
     click.echo("\n".join(lines))
 
 
+def _export_with_report(spec, fmt: str, out: Path) -> None:
+    """Export, add report.json and the domain-weight chart, then move the whole folder into
+    place in one rename: `out` is always either the previous folder or the complete new one."""
+    import shutil
+    import tempfile
+    import time
+
+    from exporters.folder import swap_into_place
+
+    from .report import plot_domain_weights, report_dict, write_json
+
+    out = out.expanduser().absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        staged = scratch / out.name
+        t = time.perf_counter()
+        result = spec.export(staged, fmt)
+        spec.timings["export"] = time.perf_counter() - t
+        validation = getattr(result, "validation", {}) or {}
+        if "seconds" in validation:
+            spec.timings["validate"] = float(validation["seconds"])
+            spec.timings["export"] -= spec.timings["validate"]
+        write_json(staged / "report.json", report_dict(spec, export={"format": fmt, "validation": validation}))
+        plot_domain_weights(spec.domain_weights, staged / "domain_weights.png")
+        swap_into_place(staged, out)
+    except OSError as exc:
+        raise SoeError(f"{out}: cannot write the export ({exc.strerror or exc})") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--docs", required=True, type=click.Path(path_type=Path),
               help="Folder (searched recursively) or file of your documents: txt, md, html, pdf, docx, json, csv, code…")
@@ -94,29 +139,22 @@ def info_main(archive: Path, as_json: bool, no_verify: bool) -> None:
 def export_main(docs: Path, fmt: str, out: Path, soup: Path | None, refine: bool, finetune_tokens: int | None,
                 device: str | None, max_docs: int | None, seed: int, assignment: str, quiet: bool) -> None:
     """Build a specialist model for your documents from a Soup-of-Experts and export it."""
-    import time
-
     from exporters import FORMATS
 
-    from .report import plot_domain_weights, report_dict, summary_text, write_json
+    from .report import summary_text
     from .specialist import specialize
 
     if fmt not in FORMATS:
         _fail(SoeError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}"))
     if out.exists() and not out.is_dir():
         _fail(SoeError(f"{out}: exists and is not a folder"))
+    problem = _unwritable(out)
+    if problem:  # fail before minutes of embedding, not after
+        _fail(SoeError(f"{out}: cannot be written ({problem})"))
     try:
         spec = specialize(docs, soup=soup, refine=refine, device=device, max_docs=max_docs, seed=seed,
                           finetune=finetune_tokens, assignment=assignment, progress=not quiet)
-        t = time.perf_counter()
-        result = spec.export(out, fmt)
-        spec.timings["export"] = time.perf_counter() - t
-        validation = getattr(result, "validation", {}) or {}
-        if "seconds" in validation:
-            spec.timings["validate"] = float(validation["seconds"])
-            spec.timings["export"] -= spec.timings["validate"]
-        write_json(out / "report.json", report_dict(spec, export={"format": fmt, "validation": validation}))
-        plot_domain_weights(spec.domain_weights, out / "domain_weights.png")
+        _export_with_report(spec, fmt, out)
     except SoeError as exc:
         _fail(exc)
     except KeyboardInterrupt:
