@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import struct
@@ -79,6 +80,8 @@ def write_archive(path: str | Path, tensors: Mapping[str, torch.Tensor] | Iterab
         offset += len(blob)
     document = dict(metadata)
     document["checksums"] = checksums
+    # dtype and shape live in the unsigned header: sign them here so a forged header is caught.
+    document["layout"] = {name: [entry["dtype"], entry["shape"]] for name, entry in header.items()}
     soe_text = json.dumps(document, sort_keys=True, separators=(",", ":"))
     header["__metadata__"] = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
                               "soe": soe_text, "soe_sha256": hashlib.sha256(soe_text.encode()).hexdigest()}
@@ -152,7 +155,7 @@ class Archive:
         raw = self._file.read(length)
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: absurd nesting
             raise self._fail("not a .soe archive (header is not valid JSON)") from None
         if not isinstance(header, dict):
             raise self._fail("not a .soe archive (header is not a JSON object)")
@@ -173,7 +176,7 @@ class Archive:
             raise self._fail("corrupted archive (metadata checksum mismatch)")
         try:
             document = json.loads(soe_text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise self._fail("corrupted archive (metadata is not valid JSON)") from None
         if not isinstance(document, dict) or not isinstance(document.get("checksums"), dict):
             raise self._fail("corrupted archive (metadata lacks tensor checksums)")
@@ -196,7 +199,7 @@ class Archive:
                     or not all(isinstance(o, int) for o in offsets)):
                 raise self._fail(f"corrupted archive (tensor {name!r} has a malformed shape or offsets)")
             begin, end = offsets
-            count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+            count = math.prod(shape)  # exact: NumPy's int64 product would wrap for forged shapes
             if not 0 <= begin <= end or end - begin != count * _DTYPES[dtype][1].itemsize:
                 raise self._fail(f"corrupted archive (tensor {name!r}: size does not match its shape)")
             if end > data_len:
@@ -214,6 +217,14 @@ class Archive:
         if set(checksums) != set(entries):
             missing = sorted(set(checksums) - set(entries)) or sorted(set(entries) - set(checksums))
             raise self._fail(f"corrupted archive (tensor set does not match its checksums: {missing[0]!r})")
+        layout = self.metadata.get("layout")  # absent in archives written before it was added
+        if layout is not None:
+            if not isinstance(layout, dict) or set(layout) != set(entries):
+                raise self._fail("corrupted archive (the signed tensor layout does not match the header)")
+            for name, (dtype, shape, _, _) in entries.items():
+                if layout[name] != [dtype, list(shape)]:
+                    raise self._fail(f"corrupted archive (tensor {name!r}: header dtype/shape {dtype} "
+                                     f"{list(shape)} differ from the signed layout)")
         return entries
 
     # -- reading ------------------------------------------------------------------------------

@@ -127,7 +127,9 @@ def _export_with_report(spec, fmt: str, out: Path) -> None:
 @click.option("--format", "fmt", default="onnx", show_default=True,
               help="onnx, onnx-int8, onnx-int4, hf, gguf or safetensors.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (replaced atomically).")
-@click.option("--soup", type=click.Path(path_type=Path), help="Soup archive (.soe); default: the bundled demo soup.")
+@click.option("--soup", "soups", multiple=True, type=click.Path(path_type=Path),
+              help="Soup archive (.soe); default: the bundled demo soup. Repeat to let the documents pick the best "
+                   "of several archives (e.g. domain-expert baselines).")
 @click.option("--refine", is_flag=True, help="Tune α by gradient descent on the documents (early-stopped).")
 @click.option("--finetune-tokens", type=int, help="Then fine-tune all parameters on up to N tokens of the documents.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where to embed, merge and refine (default: cpu).")
@@ -136,7 +138,7 @@ def _export_with_report(spec, fmt: str, out: Path) -> None:
 @click.option("--assignment", default="hard", show_default=True, type=click.Choice(["hard", "soft"]),
               help="Nearest centroid per chunk (paper Algorithm 3) or a softmax over distances.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def export_main(docs: Path, fmt: str, out: Path, soup: Path | None, refine: bool, finetune_tokens: int | None,
+def export_main(docs: Path, fmt: str, out: Path, soups: tuple[Path, ...], refine: bool, finetune_tokens: int | None,
                 device: str | None, max_docs: int | None, seed: int, assignment: str, quiet: bool) -> None:
     """Build a specialist model for your documents from a Soup-of-Experts and export it."""
     from exporters import FORMATS
@@ -152,6 +154,7 @@ def export_main(docs: Path, fmt: str, out: Path, soup: Path | None, refine: bool
     if problem:  # fail before minutes of embedding, not after
         _fail(SoeError(f"{out}: cannot be written ({problem})"))
     try:
+        soup = list(soups) if len(soups) > 1 else (soups[0] if soups else None)
         spec = specialize(docs, soup=soup, refine=refine, device=device, max_docs=max_docs, seed=seed,
                           finetune=finetune_tokens, assignment=assignment, progress=not quiet)
         _export_with_report(spec, fmt, out)

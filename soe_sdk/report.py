@@ -35,6 +35,9 @@ def summary_text(spec: Specialist) -> str:
         lines.append(f"{name:<10} held-out loss {fit.val_before:.3f} → {fit.val_after:.3f} "
                      f"({fit.steps} steps, {fit.seconds:.1f}s, {fit.stopped})")
     losses = spec.losses
+    if losses.get("candidates"):
+        lines.append("candidates " + ", ".join(f"{name} {loss:.3f}" for name, loss in losses["candidates"].items())
+                     + f" → kept {spec.soup_name}")
     gain = 1 - losses["heldout_specialist"] / losses["heldout_generic_soup"]
     lines.append(f"held-out   specialist {losses['heldout_specialist']:.3f} vs generic soup φ(h_generic) "
                  f"{losses['heldout_generic_soup']:.3f} nats/token ({gain:+.1%}) on {docs['heldout_chunks']} held-out chunks")

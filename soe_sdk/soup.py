@@ -20,8 +20,12 @@ low-rank matrices, `experts.<param>.A` ([n, out, r]) and `experts.<param>.B` ([n
 """
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +36,12 @@ from torch import Tensor
 
 from .archive import Archive
 from .config import EmbedderSpec, ModelConfig, RouterConfig, SoupConfig
-from .errors import SoeError
+from .errors import ArchiveError, SoeError
 from .model import init_parameters
 
 ROUTER_NAMES = ("router.fc1.weight", "router.fc1.bias", "router.fc2.weight", "router.fc2.bias")
+MERGE_BLOCK_BYTES = 16 << 20  # working set of one block of a dense merge (fits a CPU's last-level cache)
+VERIFY_CHUNK_BYTES = 16 << 20  # bytes hashed between two releases of a tensor's pages
 
 
 def is_low_rank(config: SoupConfig, shape: Sequence[int]) -> bool:
@@ -92,6 +98,107 @@ def combine_parameter(shared: Tensor, experts: Tensor | tuple[Tensor, Tensor] | 
     return shared + mixed.view(shared.shape)
 
 
+def merge_dense(shared: Tensor, bank: Tensor, keep: Sequence[int], alpha: Tensor, *,
+                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                block_bytes: int = MERGE_BLOCK_BYTES, release: Callable[[Tensor], None] | None = None) -> Tensor:
+    """S + Σ_i alpha[i]·bank[keep[i]] for one dense parameter, as a new tensor of `dtype` on `device`.
+
+    Streams column blocks of the flattened parameter: only the `keep` rows of `bank` are
+    read, a block of them is converted to `dtype` in a buffer of about `block_bytes` (no
+    conversion or copy at all when they already have `dtype` and are consecutive rows on
+    the CPU), and `release(view)` is called on each block of `shared`/`bank` once used.
+    """
+    device = torch.device(device)
+    numel = shared.numel()
+    flat_s = shared.reshape(numel)
+    bank2d = bank.reshape(bank.shape[0], numel)
+    out = torch.empty(numel, dtype=dtype, device=device)
+    keep = list(keep)
+    count = len(keep)
+    alpha = alpha.to(device, dtype)
+    first = keep[0] if keep else 0
+    consecutive = keep == list(range(first, first + count))
+    direct = (consecutive and bank.dtype == dtype and shared.dtype == dtype and device.type == "cpu"
+              and bank.device.type == "cpu")
+    width = max(1, block_bytes // (max(count, 1) * torch.tensor([], dtype=dtype).element_size()))
+    buffer = None if direct or not count else torch.empty(count * min(width, numel), dtype=dtype, device=device)
+    for lo in range(0, numel, width):
+        hi = min(lo + width, numel)
+        block = out[lo:hi]
+        if not count:
+            block.copy_(flat_s[lo:hi])
+        elif direct:  # one GEMV straight from the (memory-mapped) bank rows
+            torch.addmv(flat_s[lo:hi], bank2d[first:first + count, lo:hi].T, alpha, out=block)
+        else:
+            rows = buffer[:count * (hi - lo)].view(count, hi - lo)
+            if consecutive:
+                rows.copy_(bank2d[first:first + count, lo:hi])
+            else:
+                for i, j in enumerate(keep):
+                    rows[i].copy_(bank2d[j, lo:hi])
+            block.copy_(flat_s[lo:hi])
+            block.addmv_(rows.T, alpha)
+        if release is not None:
+            release(flat_s[lo:hi])
+            for j in keep:
+                release(bank2d[j, lo:hi])
+    return out.view(shared.shape)
+
+
+class _MappedPages:
+    """Drops pages of one memory-mapped file from this process's resident set (Linux; else a no-op).
+
+    Knows the file's mappings that exist when it is made: create it after the file is mapped.
+
+    Only address ranges that /proc/self/maps shows as mappings of that very file are
+    touched, and for a shared file mapping MADV_DONTNEED frees nothing but the page-table
+    entries: the OS page cache keeps the data and the next read faults it back in.
+    """
+
+    _DONTNEED = 4  # MADV_DONTNEED on Linux
+    _MIN_BYTES = 1 << 16  # smaller views are not worth a system call
+
+    def __init__(self, path: Path) -> None:
+        self._ranges: list[tuple[int, int]] = []
+        self._madvise = None
+        if not sys.platform.startswith("linux"):
+            return
+        try:
+            import ctypes
+
+            st = os.stat(path)
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+                for line in maps:
+                    fields = line.split()
+                    if len(fields) < 5 or int(fields[4]) != st.st_ino:
+                        continue
+                    major, minor = (int(x, 16) for x in fields[3].split(":"))
+                    if (major, minor) == (os.major(st.st_dev), os.minor(st.st_dev)):
+                        begin, end = (int(x, 16) for x in fields[0].split("-"))
+                        self._ranges.append((begin, end))
+        except (OSError, ValueError, AttributeError):
+            self._ranges = []
+        if self._ranges:
+            self._madvise = libc.madvise
+        self._page = os.sysconf("SC_PAGE_SIZE") if self._ranges else 4096
+
+    def __call__(self, view: Tensor) -> None:
+        if self._madvise is None or view.device.type != "cpu" or not view.is_contiguous():
+            return
+        start = view.data_ptr()
+        end = start + view.numel() * view.element_size()
+        start = -(-start // self._page) * self._page  # whole pages inside the view only
+        end = end // self._page * self._page
+        if end - start < self._MIN_BYTES:
+            return
+        for begin, stop in self._ranges:
+            if begin <= start and end <= stop:
+                self._madvise(start, end - start, self._DONTNEED)
+                return
+
+
 def as_domain_weights(h: Any, k: int) -> Tensor:
     """Validate domain weights: k non-negative finite numbers with a positive sum, renormalised."""
     t = torch.as_tensor(np.asarray(h, dtype=np.float64), dtype=torch.float32).flatten()
@@ -119,6 +226,8 @@ class Soup:
         except (KeyError, TypeError, SoeError, ValueError) as exc:
             raise SoeError(f"{archive.path}: corrupted archive (bad soup metadata: {exc})") from None
         self._check_tensor_set()
+        self._verified: set[str] = set()  # tensors whose checksum this Soup has checked
+        self._pages: _MappedPages | None = None
         self._router = {name: archive.tensor(name).to(self.device, torch.float32) for name in ROUTER_NAMES}
 
     def _check_tensor_set(self) -> None:
@@ -207,20 +316,21 @@ class Soup:
         if self.n == 0:
             return None
         idx = list(range(self.n)) if selected is None else list(selected)
-        load = lambda x: _take(self.archive.tensor(x), idx).to(self.device, dtype)  # noqa: E731
+        load = lambda x: _take(self._read(x), idx).to(self.device, dtype)  # noqa: E731
         if f"experts.{name}" in self.archive:
             return load(f"experts.{name}")
         return load(f"experts.{name}.A"), load(f"experts.{name}.B")
 
     def shared_tensor(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
-        return self.archive.tensor(f"shared.{name}").to(self.device, dtype)
+        return self._read(f"shared.{name}").to(self.device, dtype)
 
     def instantiate(self, alpha: Any, tolerance: float = 0.0, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
         """Θ = S + Σ_j α_j E_j as a plain name → tensor mapping (a stand-alone model).
 
         Experts with |α_j| ≤ tolerance are never read. With a tolerance > 0 the skipped
         experts change each parameter by at most Σ_skipped |α_j|·max|E_j|;
-        `skipped_error_bound(α, tolerance)` reports that bound.
+        `skipped_error_bound(α, tolerance)` reports that bound. Θ owns its memory (it is
+        never a view of the archive file).
         """
         a = self._alpha(alpha)
         keep = [j for j in range(self.n) if abs(float(a[j])) > tolerance]
@@ -229,11 +339,78 @@ class Soup:
 
     def iter_instantiate(self, a_keep: Tensor, keep: Sequence[int],
                          dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, Tensor]]:
-        """Yield (name, Θ[name]) one parameter at a time: the merge never holds the whole bank."""
-        with torch.no_grad():
-            for name in self.config.model.parameter_shapes():
-                experts = self.expert_tensors(name, keep, dtype) if keep else None
-                yield name, combine_parameter(self.shared_tensor(name, dtype), experts, a_keep).contiguous()
+        """Yield (name, Θ[name]) one parameter at a time: the merge never holds the whole bank.
+
+        Each tensor is streamed from the memory-mapped archive in blocks whose pages are
+        released once used, so the resident memory stays near Θ's own size. Tensors read
+        for the first time are SHA-256-checked by a helper thread while the previous
+        parameter merges; a parameter is yielded only after its inputs passed the check.
+        """
+        keep = list(keep)
+        a_keep = a_keep.to(self.device, dtype)
+        shapes = self.config.model.parameter_shapes()
+        inputs = {name: self._input_names(name, keep) for name in shapes}
+        pending = [x for names in inputs.values() for x in names if x not in self._verified]
+        pool = ThreadPoolExecutor(1, thread_name_prefix="soe-verify") if pending else None
+        checks: dict[str, Future] = {x: pool.submit(self._verify, x) for x in pending} if pool else {}
+        try:
+            with torch.no_grad():
+                for name, shape in shapes.items():
+                    theta = self._merge(name, shape, a_keep, keep, dtype)
+                    for x in inputs[name]:
+                        if x in checks:
+                            checks[x].result()  # re-raises a checksum mismatch
+                    yield name, theta
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _input_names(self, name: str, keep: Sequence[int]) -> list[str]:
+        names = [f"shared.{name}"]
+        if keep:
+            dense = f"experts.{name}"
+            names += [dense] if dense in self.archive else [f"{dense}.A", f"{dense}.B"]
+        return names
+
+    def _merge(self, name: str, shape: tuple[int, ...], a_keep: Tensor, keep: list[int], dtype: torch.dtype) -> Tensor:
+        release = self._release_pages()
+        shared = self.archive.tensor(f"shared.{name}", verify=False)
+        if not keep:
+            theta = shared.to(self.device, dtype, copy=True)
+        elif f"experts.{name}" in self.archive:
+            bank = self.archive.tensor(f"experts.{name}", verify=False)
+            return merge_dense(shared, bank, keep, a_keep, dtype=dtype, device=self.device, release=release)
+        else:  # low-rank factors are small: merge them whole
+            a, b = (_take(self.archive.tensor(f"experts.{name}.{x}", verify=False), keep).to(self.device, dtype)
+                    for x in ("A", "B"))
+            theta = combine_parameter(shared.to(self.device, dtype), (a, b), a_keep).contiguous()
+        release(shared)
+        return theta
+
+    def _release_pages(self) -> Callable[[Tensor], None]:
+        if self._pages is None:
+            self._pages = _MappedPages(self.archive.path)
+        return self._pages
+
+    def _verify(self, name: str) -> None:
+        """Check one tensor's SHA-256 against the archive's metadata, streaming (once per Soup)."""
+        if name in self._verified:
+            return
+        view = self.archive.tensor(name, verify=False)
+        raw = view.reshape(-1).view(torch.uint8).numpy()
+        release = self._release_pages()
+        digest = hashlib.sha256()
+        for lo in range(0, raw.size, VERIFY_CHUNK_BYTES):
+            digest.update(raw[lo:lo + VERIFY_CHUNK_BYTES])
+            release(view.reshape(-1).view(torch.uint8)[lo:lo + VERIFY_CHUNK_BYTES])
+        if digest.hexdigest() != self.archive.metadata["checksums"][name]:
+            raise ArchiveError(f"{self.archive.path}: corrupted archive (checksum mismatch in tensor {name!r})")
+        self._verified.add(name)
+
+    def _read(self, name: str) -> Tensor:
+        """A verified, read-only view of one archive tensor."""
+        self._verify(name)
+        return self.archive.tensor(name, verify=False)
 
     def skipped_error_bound(self, alpha: Any, tolerance: float) -> float:
         """Upper bound on max |ΔΘ| from skipping the experts with |α_j| ≤ tolerance."""
@@ -261,9 +438,9 @@ class Soup:
 
 
 def _take(bank: Tensor, idx: list[int]) -> Tensor:
-    """Rows `idx` of a memory-mapped bank; a contiguous full range stays a zero-copy view."""
-    if idx == list(range(bank.shape[0])):
-        return bank
+    """Rows `idx` of a memory-mapped bank; consecutive rows stay a zero-copy view."""
+    if idx and idx == list(range(idx[0], idx[0] + len(idx))):
+        return bank[idx[0]:idx[0] + len(idx)]
     return bank[idx]
 
 

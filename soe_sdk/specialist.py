@@ -50,7 +50,7 @@ class Specialist:
     documents: dict[str, Any]
     refined: bool = False
     finetuned: bool = False
-    losses: dict[str, float] = field(default_factory=dict)
+    losses: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     fits: dict[str, FitResult] = field(default_factory=dict)
     top_domains: list[tuple[int, float]] = field(default_factory=list)
@@ -114,7 +114,10 @@ def _heldout_loss(params: dict[str, Tensor], config: ModelConfig, val: Tensor) -
                    for i in range(0, len(val), 16)) / max(val.numel(), 1)
 
 
-def specialize(docs: str | Path | list[str] | DocumentSet, soup: Soup | str | Path | None = None,
+SoupLike = Soup | str | Path | None
+
+
+def specialize(docs: str | Path | list[str] | DocumentSet, soup: SoupLike | list[SoupLike] = None,
                refine: bool = False, device: str | torch.device | None = None, *,
                assignment: str = "hard", temperature: float = 0.05, max_docs: int | None = None,
                seed: int = 0, heldout_fraction: float = 0.2, max_heldout_windows: int = 64,
@@ -127,6 +130,10 @@ def specialize(docs: str | Path | list[str] | DocumentSet, soup: Soup | str | Pa
     `refine=True` then tunes α by gradient descent on the documents and `finetune=N` tunes
     all parameters on up to N tokens, both with early stopping on a held-out slice of the
     chunks. The same inputs and seed give the same specialist.
+
+    `soup` may also be a list of archives (e.g. the "domain experts" baseline: one plain
+    model per pretraining cluster); each is instantiated for the documents and the one with
+    the lowest loss on the training chunks is kept (`losses["candidates"]` lists them all).
     """
     from .domains import domain_histogram, top_domains
     from .embedding import Embedder
@@ -134,22 +141,46 @@ def specialize(docs: str | Path | list[str] | DocumentSet, soup: Soup | str | Pa
     torch.manual_seed(seed)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    soup = _resolve_soup(soup, device)
+    candidates = [_resolve_soup(c, device) for c in (soup if isinstance(soup, (list, tuple)) else [soup])]
+    if not candidates:
+        raise SoeError("soup: the list of candidate archives is empty")
     doc_set = docs if isinstance(docs, DocumentSet) else load_documents(docs, max_chunks=max_docs, progress=progress)
     train_chunks, heldout_chunks = split_heldout(doc_set.chunks, heldout_fraction)
     if not heldout_chunks:  # a single chunk: score on what we have
         heldout_chunks = train_chunks
     timings["read"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    embedder = Embedder.from_spec(soup.embedder, device=None if device is None else str(device))
-    vectors = embedder.encode(train_chunks, progress=progress)
-    timings["embed"] = time.perf_counter() - t
+    vectors_by_spec: dict[Any, np.ndarray] = {}
+    timings["embed"] = timings["assign"] = 0.0
 
-    t = time.perf_counter()
-    h = domain_histogram(vectors, soup.centroids, mode=assignment, temperature=temperature)
-    alpha = soup.coefficients(h).cpu()
-    timings["assign"] = time.perf_counter() - t
+    def weights_for(candidate: Soup) -> tuple[np.ndarray, Tensor]:
+        """h and α = φ(h) of `candidate` for the training chunks (embedding once per embedder)."""
+        t = time.perf_counter()
+        if candidate.embedder not in vectors_by_spec:
+            embedder = Embedder.from_spec(candidate.embedder, device=None if device is None else str(device))
+            vectors_by_spec[candidate.embedder] = embedder.encode(train_chunks, progress=progress)
+        t_assign = time.perf_counter()
+        timings["embed"] += t_assign - t
+        h = domain_histogram(vectors_by_spec[candidate.embedder], candidate.centroids, mode=assignment,
+                             temperature=temperature)
+        alpha = candidate.coefficients(h).cpu()
+        timings["assign"] += time.perf_counter() - t_assign
+        return h, alpha
+
+    candidate_losses: dict[str, float] = {}
+    if len(candidates) > 1:
+        best = None
+        for candidate in candidates:
+            h_c, alpha_c = weights_for(candidate)
+            score = windows(candidate.tokenizer(), train_chunks, candidate.model_config.max_seq_len, max_heldout_windows)
+            loss = _heldout_loss(candidate.instantiate(alpha_c), candidate.model_config, score)
+            candidate_losses[candidate.archive.path.name] = loss
+            if best is None or loss < best[0]:
+                best = (loss, candidate)
+        soup = best[1]
+    else:
+        soup = candidates[0]
+    h, alpha = weights_for(soup)
 
     tok = soup.tokenizer()
     seq = soup.model_config.max_seq_len
@@ -176,6 +207,8 @@ def specialize(docs: str | Path | list[str] | DocumentSet, soup: Soup | str | Pa
     losses = {"heldout_specialist": _heldout_loss(params, soup.model_config, val),
               "heldout_generic_soup": _heldout_loss(generic, soup.model_config, val)}
     timings["score"] = time.perf_counter() - t
+    if candidate_losses:
+        losses["candidates"] = candidate_losses  # type: ignore[assignment]
     documents = {"count": len(doc_set.chunks), "train_chunks": len(train_chunks), "heldout_chunks": len(heldout_chunks),
                  "fingerprint": doc_set.fingerprint, "files_read": doc_set.files_read,
                  "skipped": doc_set.skipped_by_reason(), "duplicates_dropped": doc_set.duplicates_dropped,

@@ -1,6 +1,8 @@
 """Soup math: linearity of instantiate, the router, tolerance skipping, low-rank experts."""
 from __future__ import annotations
 
+import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import torch
 import soe_sdk
 from soe_sdk.errors import SoeError
 from soe_sdk.model import forward
-from soe_sdk.soup import combine_parameter
+from soe_sdk.soup import combine_parameter, merge_dense
 
 from .conftest import write_tiny_soup
 
@@ -111,3 +113,98 @@ def test_half_precision_storage_computes_in_fp32(tmp_path: Path) -> None:
     theta = soup.instantiate(soup.coefficients(soup.h_generic))
     assert all(v.dtype == torch.float32 for v in theta.values())
     assert soup.parameter_counts()["instantiated"] == soup.model_config.num_parameters()
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("keep", [[0, 1, 2, 3, 4], [1, 2, 3], [0, 2, 4], [3], []])
+def test_blockwise_merge_equals_the_plain_merge(storage: torch.dtype, keep: list[int]) -> None:
+    gen = torch.Generator().manual_seed(3)
+    shared = torch.randn(37, 11, generator=gen).to(storage)
+    bank = torch.randn(5, 37, 11, generator=gen).to(storage)
+    alpha = torch.randn(len(keep), generator=gen)
+    expected = combine_parameter(shared.float(), bank[keep].float() if keep else None, alpha)
+    seen: list[int] = []
+    for block_bytes in (1, 60, 1000, 1 << 20):  # one column per block … everything in one block
+        merged = merge_dense(shared, bank, keep, alpha, block_bytes=block_bytes,
+                             release=lambda view: seen.append(view.numel()))
+        assert merged.dtype == torch.float32 and merged.shape == shared.shape
+        torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-6)
+    # every block of S and of each kept expert row was handed back once used
+    assert sum(seen) == 4 * shared.numel() * (1 + len(keep))
+
+
+def test_instantiate_matches_the_plain_merge_for_stored_half_precision(tmp_path: Path) -> None:
+    path = tmp_path / "half.soe"
+    write_tiny_soup(path, n=5, storage_dtype=torch.float16)
+    soup = soe_sdk.load(path)
+    alpha = torch.tensor([0.4, 0.0, -0.7, 0.0, 1.1])
+    theta = soup.instantiate(alpha)
+    for name in soup.model_config.parameter_shapes():
+        bank = soup.archive.tensor(f"experts.{name}").float()
+        expected = combine_parameter(soup.archive.tensor(f"shared.{name}").float(), bank, alpha)
+        torch.testing.assert_close(theta[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_theta_owns_its_memory(tiny_soup_path: Path) -> None:
+    soup = soe_sdk.load(tiny_soup_path)
+    for alpha in (torch.zeros(soup.n), torch.ones(soup.n)):
+        theta = soup.instantiate(alpha)
+        before = {k: v.clone() for k, v in theta.items()}
+        for value in theta.values():
+            value.add_(1.0)  # would crash or corrupt the archive if Θ were a view of the file
+        assert soup.instantiate(alpha).keys() == before.keys()
+        for name, value in soup.instantiate(alpha).items():
+            assert torch.equal(value, before[name]), name
+
+
+def test_instantiate_rejects_corrupted_expert_data(tiny_soup_path: Path, tmp_path: Path) -> None:
+    from soe_sdk.archive import Archive
+    from soe_sdk.errors import ArchiveError
+
+    raw = bytearray(tiny_soup_path.read_bytes())
+    (header,) = struct.unpack("<Q", raw[:8])
+    with Archive(tiny_soup_path) as archive:  # the first tensor starts the data section
+        bank = archive.tensor("experts.h.1.mlp.fc.weight")
+        middle = bank.data_ptr() - archive.tensor(archive.names()[0]).data_ptr() + bank.numel() * 2
+    raw[8 + header + middle] ^= 0x40
+    bad = tmp_path / "bad.soe"
+    bad.write_bytes(bytes(raw))
+    soup = soe_sdk.load(bad)
+    names = []
+    with pytest.raises(ArchiveError, match=r"bad.soe: corrupted archive \(checksum mismatch in tensor "
+                                           r"'experts.h.1.mlp.fc.weight'\)"):
+        for name, _ in soup.iter_instantiate(torch.ones(soup.n), list(range(soup.n))):
+            names.append(name)
+    assert "h.1.mlp.fc.weight" not in names and "h.0.mlp.fc.weight" in names
+    # an α that skips every expert never reads the bank, so the shared weights still merge
+    assert soup.instantiate(torch.zeros(soup.n)).keys() == set(soup.model_config.parameter_shapes())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page release uses Linux madvise")
+def test_page_release_frees_file_pages_and_never_touches_other_memory(tmp_path: Path) -> None:
+    from soe_sdk.archive import Archive, write_archive
+    from soe_sdk.soup import _MappedPages
+
+    path = tmp_path / "big.soe"
+    values = torch.randn(1 << 21, generator=torch.Generator().manual_seed(0))  # 8 MB
+    write_archive(path, {"w": values}, {})
+    with Archive(path) as archive:
+        release = _MappedPages(path)  # sees the mappings that exist when it is made
+        view = archive.tensor("w", verify=False)
+        before = _rss_file_kb()
+        assert torch.equal(view, values)  # faults the file's pages in
+        touched = _rss_file_kb()
+        release(view)
+        after = _rss_file_kb()
+        assert touched - before > 4096 and touched - after > 4096
+        assert torch.equal(view, values)  # the data comes back from the page cache
+    anonymous = values.clone()
+    release(anonymous)  # not a mapping of the file: left alone
+    assert torch.equal(anonymous, values)
+
+
+def _rss_file_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status")

@@ -138,3 +138,14 @@ def test_missing_default_soup_is_a_clear_error(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(module, "ASSETS", tmp_path)
     with pytest.raises(SoeError, match="bundled demo soup is missing"):
         specialize(["some text"])
+
+
+def test_several_archives_the_documents_pick_the_best(soup_path: Path, tmp_path: Path) -> None:
+    """The domain-experts baseline: plain models per cluster, chosen by loss on the documents."""
+    other = tmp_path / "other.soe"
+    from .conftest import write_tiny_soup
+    write_tiny_soup(other, n=0, seed=11)
+    spec = specialize(_docs_folder(tmp_path / "docs", 1), soup=[soup_path, other])
+    scores = spec.losses["candidates"]
+    assert set(scores) == {soup_path.name, other.name}
+    assert spec.soup_name == min(scores, key=scores.get)

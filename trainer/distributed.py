@@ -1,14 +1,16 @@
 """Running under torchrun: process-group setup and the two ways to split a soup over ranks.
 
 - ddp: every rank holds the whole soup and takes every world-th micro-batch; summed
-  gradients are all-reduced. Fine while (n+1)·p fits on one device.
+  gradients ((n+1)·p floats, plus low-rank factors and φ) are all-reduced once per step.
+  Fine while 4·(n+1)·p floats (parameters, gradients, two AdamW moments) fit on one device.
 - bank: every rank owns the same 1/N slice of the flat S and of every expert (and their
   AdamW moments). Per micro-batch (all ranks share its h and split its rows):
   local merge → all-gather Θ → forward/backward on local rows → reduce-scatter ∇Θ →
   ∇E_slice = α ⊗ ∇Θ_slice, and the n numbers ∂ℓ/∂α = Σ_ranks E_slice ∇Θ_slice are
   all-reduced. Traffic per micro-batch ≈ one all-gather + one reduce-scatter of p floats
-  (the cost of one all-reduce of p, like DDP) whatever n is; memory ≈ (n+1)·p/N per rank.
-  See docs/scaling.md.
+  (the cost of one all-reduce of a plain model's gradient) whatever n is; memory ≈
+  4·(n+1)·p/N floats per rank plus a full Θ and ∇Θ. Dense experts only: low-rank soups
+  (--rank) are refused. See docs/scaling.md.
 """
 from __future__ import annotations
 
@@ -19,6 +21,30 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+@dataclass
+class Traffic:
+    """Bytes this rank handed to each kind of collective: the tensors' logical sizes.
+
+    On the wire a ring all-gather or reduce-scatter moves (N−1)/N of that per rank and a
+    ring all-reduce 2(N−1)/N. Read by benchmarks/scaling.py; `reset()` starts a new count.
+    """
+
+    all_gather: int = 0
+    reduce_scatter: int = 0
+    all_reduce: int = 0
+    calls: int = 0
+
+    def add(self, kind: str, tensor: Tensor) -> None:
+        setattr(self, kind, getattr(self, kind) + tensor.numel() * tensor.element_size())
+        self.calls += 1
+
+    def reset(self) -> None:
+        self.all_gather = self.reduce_scatter = self.all_reduce = self.calls = 0
+
+
+TRAFFIC = Traffic()
 
 
 @dataclass(frozen=True)
@@ -80,6 +106,7 @@ def all_gather_flat(local: Tensor, p: int, ctx: DistContext) -> Tensor:
     """Concatenate every rank's slice; drop the padding."""
     out = torch.empty(local.numel() * ctx.world, dtype=local.dtype, device=local.device)
     dist.all_gather_into_tensor(out, local.contiguous())
+    TRAFFIC.add("all_gather", out)
     return out[:p]
 
 
@@ -89,11 +116,13 @@ def reduce_scatter_flat(full: Tensor, ctx: DistContext) -> Tensor:
     padded = pad_to(full, size).contiguous()
     out = torch.empty(size // ctx.world, dtype=full.dtype, device=full.device)
     dist.reduce_scatter_tensor(out, padded, op=dist.ReduceOp.SUM)
+    TRAFFIC.add("reduce_scatter", padded)
     return out
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    TRAFFIC.add("all_reduce", t)
     return t
 
 

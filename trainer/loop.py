@@ -20,11 +20,12 @@ from tqdm import tqdm
 
 from soe_sdk.config import RouterConfig, SoupConfig
 from soe_sdk.errors import SoeError
+from soe_sdk.flat import FlatLayout
 
 from . import checkpoint as ckpt
 from . import distributed as dd
 from .evaluate import load_eval_sets, windows_loss
-from soe_sdk.flat import FlatLayout
+from .layout import SoupLayout
 from .optim import lr_at
 from .presets import Preset
 from .sampling import meta_distribution, sample_batch, usable_domains
@@ -90,20 +91,20 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
     autocast = _autocast_dtype(precision, ctx.device)
     run_dir = workdir / "runs" / spec.name
     ckpt_dir = run_dir / "checkpoints"
-    layout = FlatLayout.for_model(config.model)
+    soup_layout = SoupLayout.for_soup(config)
+    layout = soup_layout.shared
     bank = sharding == "bank" and ctx.active
     if sharding not in ("ddp", "bank"):
         raise SoeError(f"--sharding {sharding!r}: use ddp or bank")
+    if preset.expert_rank < 0:
+        raise SoeError(f"--rank {preset.expert_rank}: the expert rank must be 0 (dense) or positive")
+    if bank and soup_layout.lowrank:
+        raise SoeError(f"--sharding bank does not support low-rank experts (--rank {preset.expert_rank}); "
+                       "use --sharding ddp")
 
-    state = SoupState.fresh(config, seed, ctx.device, betas=(preset.beta1, preset.beta2),
+    shard = (*dd.slice_bounds(layout.size, ctx), dd.padded_size(layout.size, ctx.world)) if bank else None
+    state = SoupState.fresh(config, seed, ctx.device, shard=shard, betas=(preset.beta1, preset.beta2),
                             weight_decay=preset.weight_decay)
-    if bank:
-        lo, hi = dd.slice_bounds(layout.size, ctx)
-        size = dd.padded_size(layout.size, ctx.world)
-        state = SoupState(config, layout, dd.pad_to(state.shared, size)[lo:hi].clone(),
-                          dd.pad_to(state.experts, size)[:, lo:hi].clone(),
-                          {k: v.detach() for k, v in state.router.items()}, lo=lo, hi=hi,
-                          betas=(preset.beta1, preset.beta2), weight_decay=preset.weight_decay)
 
     start = 0
     resumed = ckpt.latest_step(ckpt_dir)
@@ -209,10 +210,10 @@ def _check_same_run(saved: dict[str, Any], config: SoupConfig, sharding: str, wo
 def _clip(grads: dict[str, torch.Tensor], max_norm: float, state: SoupState, bank: bool) -> float:
     sq = lambda t: float(torch.linalg.vector_norm(t)) ** 2 if t.numel() else 0.0  # noqa: E731
     flat_sq = sq(grads["S"]) + sq(grads["E"])
-    router_sq = sum(sq(v) for k, v in grads.items() if k not in ("S", "E"))
+    replicated_sq = sum(sq(v) for k, v in grads.items() if k not in ("S", "E"))  # router (and factors F)
     if bank:
         flat_sq = float(dd.all_reduce_sum(torch.tensor([flat_sq], dtype=torch.float64))[0])
-    norm = math.sqrt(flat_sq + router_sq)
+    norm = math.sqrt(flat_sq + replicated_sq)
     if max_norm > 0 and norm > max_norm:
         for g in grads.values():
             g.mul_(max_norm / (norm + 1e-6))

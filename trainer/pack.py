@@ -12,7 +12,7 @@ from soe_sdk.errors import SoeError
 from soe_sdk.soup import write_soup
 
 from . import checkpoint as ckpt
-from soe_sdk.flat import FlatLayout
+from .layout import SoupLayout
 from .shards import DomainShards
 
 
@@ -40,10 +40,7 @@ def pack(workdir: str | Path, out: str | Path, run: str = "soup") -> str:
     state = ckpt.load_checkpoint(ckpt_dir, step, rank=0 if _is_bank(ckpt_dir, step) else None)[1]
     config = SoupConfig.from_dict(state["config"])
     flat = _full_flat(ckpt_dir, step, state)
-    layout = FlatLayout.for_model(config.model)
-    tensors = {f"shared.{k}": v for k, v in layout.views(flat["S"]).items()}
-    if config.router.n:
-        tensors.update({f"experts.{k}": v for k, v in layout.views(flat["E"]).items()})
+    tensors = SoupLayout.for_soup(config).archive_tensors(flat["S"], flat["E"], flat.get("F"))
     tensors.update({k: v for k, v in flat.items() if k.startswith("router.")})
 
     prep_path = workdir / "prepare.json"

@@ -1,9 +1,11 @@
-"""The trainable soup: flat S and E, the router φ, and their AdamW state.
+"""The trainable soup: flat S, E and low-rank factors F, the router φ, and their AdamW state.
 
 `SoupState.micro_step` is paper Algorithm 2's body for one micro-batch: α = φ(h),
-Θ = S + αᵀE, one forward/backward through the merged model, and the soup gradients
-recovered from ∇Θ in closed form (see trainer/flat.py). A state may hold only a slice
-[lo, hi) of the flat vectors: that is how bank sharding splits the soup across ranks.
+Θ = S + Σ_j α_j E_j, one forward/backward through the merged model, and the soup gradients
+recovered from g = ∇Θ. For dense experts that is closed form (soe_sdk/flat.py):
+∇S += g, ∇E += α gᵀ, ∂ℓ/∂α = E g. For low-rank experts (trainer/layout.py) the prefix
+Θ[:q] is backpropagated against g[:q] with autograd, into A, B and α. A state may hold only
+a slice [lo, hi) of S and E: that is how bank sharding splits a dense soup across ranks.
 """
 from __future__ import annotations
 
@@ -11,46 +13,65 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from soe_sdk.config import SoupConfig
+from soe_sdk.errors import SoeError
 from soe_sdk.model import next_token_loss
 from soe_sdk.soup import ROUTER_NAMES, init_soup, router_forward
 
-from soe_sdk.flat import FlatLayout
+from .layout import SoupLayout
 from .optim import FlatAdamW
 
 
 class SoupState:
-    """Parameters, gradients and optimizer of a (possibly sliced) dense soup on one device."""
+    """Parameters, gradients and optimizer of a (possibly sliced) soup on one device."""
 
-    def __init__(self, config: SoupConfig, layout: FlatLayout, shared: Tensor, experts: Tensor,
-                 router: dict[str, Tensor], *, lo: int = 0, hi: int | None = None,
+    def __init__(self, config: SoupConfig, layout: SoupLayout, shared: Tensor, experts: Tensor,
+                 router: dict[str, Tensor], *, factors: Tensor | None = None, lo: int = 0, hi: int | None = None,
                  betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.1) -> None:
-        if config.expert_rank:
-            raise NotImplementedError("low-rank experts are not trainable yet; use dense experts (rank 0)")
         self.config, self.layout = config, layout
-        self.lo, self.hi = lo, layout.size if hi is None else hi
-        self.shared, self.experts = shared, experts  # [hi-lo], [n, hi-lo]
+        self.lo, self.hi = lo, layout.shared.size if hi is None else hi
+        if layout.lowrank and (self.lo, self.hi) != (0, layout.shared.size):
+            raise SoeError("low-rank experts cannot be bank-sharded; use --sharding ddp")
+        self.shared, self.experts = shared, experts  # [hi-lo], [n, E's columns inside [lo, hi)]
+        self.e0 = max(self.lo, layout.start) - self.lo  # first column of this slice that has dense experts
+        self.factors = factors.requires_grad_(True) if layout.lowrank else None
         self.router = {k: v.requires_grad_(True) for k, v in router.items()}
         self.grads = {"S": torch.zeros_like(shared), "E": torch.zeros_like(experts)}
-        decay_local = max(0, min(layout.decay_end, self.hi) - self.lo)
+        decay_end = layout.shared.decay_end
         params = {"S": shared, "E": experts}
-        decay = {"S": decay_local, "E": decay_local}
+        decay = {"S": max(0, min(decay_end, self.hi) - self.lo),
+                 "E": max(0, min(decay_end, self.hi) - max(self.lo, layout.start))}
+        if self.factors is not None:
+            params["F"], decay["F"] = self.factors, self.factors.numel()
         if self.n:
             params.update(self.router)
             decay.update({k: (v.shape[-1] if k.endswith("weight") else 0) for k, v in self.router.items()})
         self.optimizer = FlatAdamW(params, decay, betas=betas, weight_decay=weight_decay)
 
     @classmethod
-    def fresh(cls, config: SoupConfig, seed: int, device: torch.device, **kwargs) -> "SoupState":
+    def fresh(cls, config: SoupConfig, seed: int, device: torch.device,
+              shard: tuple[int, int, int] | None = None, **kwargs) -> "SoupState":
+        """A freshly initialised soup; `shard=(lo, hi, padded_p)` keeps only that slice of S and E."""
         tensors = init_soup(config, seed)
-        layout = FlatLayout.for_model(config.model)
-        shared = layout.flatten(tensors, "shared.").to(device)
+        layout = SoupLayout.for_soup(config)
         n = config.router.n
-        experts = (layout.flatten(tensors, "experts.", (n,)) if n else torch.zeros(0, layout.size)).to(device)
-        router = {k: tensors[k].float().to(device) for k in ROUTER_NAMES}
-        return cls(config, layout, shared, experts, router, **kwargs)
+        shared = layout.shared.flatten(tensors, "shared.")
+        experts = layout.experts.flatten(tensors, "experts.", (n,)) if n else torch.zeros(0, layout.experts.size)
+        factors = layout.factors.flatten(tensors, "experts.").to(device) if layout.lowrank else None
+        router = {k: tensors.pop(k).float().to(device) for k in ROUTER_NAMES}
+        del tensors
+        bounds = {}
+        if shard is not None:
+            lo, hi, size = shard
+            # Slice before the optimizer exists: a rank never holds moments for the whole bank.
+            shared = F.pad(shared, (0, size - shared.shape[-1]))[lo:hi].clone()
+            experts = F.pad(experts, (0, size - experts.shape[-1]))[:, lo:hi].clone()
+            bounds = {"lo": lo, "hi": hi}
+        return cls(config, layout, shared.to(device), experts.to(device), router, factors=factors,
+                   **bounds, **kwargs)
 
     @property
     def n(self) -> int:
@@ -59,8 +80,11 @@ class SoupState:
     def zero_grad(self) -> None:
         for g in self.grads.values():
             g.zero_()
-        for p in self.router.values():
+        for p in self._autograd_params():
             p.grad = None
+
+    def _autograd_params(self) -> list[Tensor]:
+        return list(self.router.values()) + ([self.factors] if self.factors is not None else [])
 
     def alpha(self, h: Tensor) -> Tensor:
         """α = φ(h), with autograd into the router."""
@@ -69,18 +93,22 @@ class SoupState:
         return router_forward(self.router, h.to(self.shared.device, torch.float32))
 
     def merge_local(self, alpha: Tensor) -> Tensor:
-        """This state's slice of Θ = S + αᵀE."""
+        """This state's slice of Θ; differentiable (in F and α) only in its low-rank prefix."""
         if self.n == 0:
             return self.shared.clone()
-        return torch.addmv(self.shared, self.experts.T, alpha.detach())
+        dense = torch.addmv(self.shared[self.e0:], self.experts.T, alpha.detach())
+        if self.factors is None:
+            return dense
+        return torch.cat([self.layout.lowrank_theta(self.shared, self.factors, alpha), dense])
 
     def accumulate(self, alpha: Tensor, g_slice: Tensor) -> Tensor:
-        """Add ∇S += g, ∇E += α gᵀ for this slice; return this slice's share of ∂ℓ/∂α = E g."""
+        """Add ∇S += g, ∇E += α gᵀ for this slice; return the dense experts' share of ∂ℓ/∂α = E g."""
         self.grads["S"].add_(g_slice)
         if self.n == 0:
             return torch.zeros(0, device=g_slice.device)
-        self.grads["E"].addr_(alpha.detach(), g_slice)
-        return self.experts @ g_slice
+        g_dense = g_slice[self.e0:]
+        self.grads["E"].addr_(alpha.detach(), g_dense)
+        return self.experts @ g_dense
 
     def micro_step(self, h: Tensor, tokens: Tensor, scale: float,
                    gather: Callable[[Tensor], Tensor] | None = None,
@@ -95,32 +123,39 @@ class SoupState:
         """
         alpha = self.alpha(h)
         theta_local = self.merge_local(alpha)
-        theta = (gather(theta_local) if gather else theta_local).detach().requires_grad_(True)
-        params = self.layout.views(theta)
-        device_type = tokens.device.type
-        ctx = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+        local = theta_local.detach()
+        theta = (gather(local) if gather else local).requires_grad_(True)
+        params = self.layout.shared.views(theta)
+        ctx = torch.autocast(tokens.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         with ctx:
             loss = next_token_loss(params, self.config.model, tokens)
         (loss * scale).backward()
-        g_full = theta.grad
-        g_slice = scatter(g_full) if scatter else g_full
+        g_slice = scatter(theta.grad) if scatter else theta.grad
         d_alpha = self.accumulate(alpha, g_slice)
+        roots, root_grads = [], []
+        if theta_local.requires_grad:  # low-rank prefix → ∇A, ∇B and its part of ∂ℓ/∂α
+            roots.append(theta_local)
+            root_grads.append(g_slice)
         if self.n:
-            if reduce_alpha:
-                d_alpha = reduce_alpha(d_alpha)
-            alpha.backward(d_alpha)
+            roots.append(alpha)
+            root_grads.append(reduce_alpha(d_alpha) if reduce_alpha else d_alpha)
+        if roots:
+            torch.autograd.backward(roots, root_grads)
         return float(loss.detach())
 
     def grad_dict(self) -> dict[str, Tensor]:
         grads = {"S": self.grads["S"], "E": self.grads["E"]}
-        if self.n:
-            grads.update({k: (v.grad if v.grad is not None else torch.zeros_like(v)) for k, v in self.router.items()})
+        for name, p in self.optimizer.params.items():
+            if name not in grads:
+                grads[name] = p.grad if p.grad is not None else torch.zeros_like(p)
         return grads
 
     # -- (de)serialisation -------------------------------------------------------------------
     def tensors(self) -> dict[str, Tensor]:
         """Parameters and optimizer moments as flat tensors (for checkpoints)."""
         out = {"S": self.shared, "E": self.experts}
+        if self.factors is not None:
+            out["F"] = self.factors.detach()
         out.update({k: v.detach() for k, v in self.router.items()})
         out.update(self.optimizer.state_tensors())
         return out
@@ -129,15 +164,16 @@ class SoupState:
         with torch.no_grad():
             self.shared.copy_(tensors["S"])
             self.experts.copy_(tensors["E"])
+            if self.factors is not None:
+                self.factors.copy_(tensors["F"])
             for k, v in self.router.items():
                 v.copy_(tensors[k])
         self.optimizer.load_state_tensors(tensors, step_count)
 
     def soup_tensors(self) -> dict[str, Tensor]:
         """Full (unsliced) soup tensors under archive names, for packing."""
-        assert self.lo == 0 and self.hi == self.layout.size, "gather the shards before packing"
-        out = {f"shared.{k}": v.detach().cpu() for k, v in self.layout.views(self.shared).items()}
-        if self.n:
-            out.update({f"experts.{k}": v.detach().cpu() for k, v in self.layout.views(self.experts).items()})
+        assert self.lo == 0 and self.hi == self.layout.shared.size, "gather the shards before packing"
+        factors = None if self.factors is None else self.factors.detach()
+        out = {k: v.detach().cpu() for k, v in self.layout.archive_tensors(self.shared, self.experts, factors).items()}
         out.update({k: v.detach().cpu() for k, v in self.router.items()})
         return out
