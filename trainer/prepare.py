@@ -117,7 +117,12 @@ def prepare(corpus: str | os.PathLike, workdir: str | os.PathLike, preset: Prese
             tokenizer_path: str | os.PathLike | None = None, eval_path: str | os.PathLike | None = None,
             specialist_dirs: Sequence[str | os.PathLike] = (), embed_device: str | None = None,
             max_docs: int | None = None, progress: bool = True) -> dict:
-    """Prepare WORKDIR for training on `corpus` with `preset`; returns (and writes) the summary."""
+    """Prepare WORKDIR for training on `corpus` with `preset`; returns (and writes) the summary.
+
+    `max_docs` (default: the preset's) caps how many corpus documents are read.
+    """
+    if max_docs is None:
+        max_docs = preset.max_docs
     corpus = Path(corpus)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

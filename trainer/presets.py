@@ -18,6 +18,7 @@ class Preset:
     # data preparation
     vocab_size: int = 4096
     clusters: tuple[int, int] = (4, 4)  # (k1, k2): hierarchical k-means, k = k1·k2 domains
+    max_docs: int | None = None  # read at most this many corpus documents (None: all)
     embed_chars: int = 2000  # characters of each document that are embedded (clustering and, via the
     # archive's embedder spec, specialisation); short heads make embedding fast on a CPU
     # soup
@@ -49,7 +50,7 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         name="tiny",
         model=ModelConfig(vocab_size=512, max_seq_len=64, d_model=64, n_layers=2, n_heads=2, d_mlp=256),
-        vocab_size=512, clusters=(2, 2), embed_chars=600, experts=4, router_hidden=32, support_size=2,
+        vocab_size=512, clusters=(2, 2), max_docs=2000, embed_chars=128, experts=4, router_hidden=32, support_size=2,
         batch_size=8, max_steps=60, lr=3e-3, warmup_steps=5, eval_every=20, eval_tokens=4096,
         checkpoint_every=20,
     ),
