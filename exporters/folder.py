@@ -5,9 +5,12 @@ Every format goes through `write_export`, so every folder gets the same `tokeniz
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,11 +83,45 @@ def model_card(metadata: dict[str, Any], config: ModelConfig, title: str, usage:
     return "\n".join(lines)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE).
+
+    False when the platform or file system cannot, or `b` vanished meanwhile.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOENT, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def swap_into_place(staged: Path, out_dir: Path) -> None:
-    """Put `staged` at `out_dir`; an existing folder is renamed away first and deleted last."""
-    if not out_dir.exists():
-        os.rename(staged, out_dir)
+    """Put `staged` at `out_dir`.
+
+    An existing folder is exchanged with `staged` atomically where the OS allows it (so
+    `out_dir` is never missing, even to a concurrent writer or a process killed mid-swap),
+    otherwise renamed away first; either way the previous folder is deleted last.
+    """
+    if out_dir.exists() and _exchange(staged, out_dir):
+        shutil.rmtree(staged, ignore_errors=True)  # `staged` now holds the previous export
         return
+    if not out_dir.exists():
+        try:
+            os.rename(staged, out_dir)
+            return
+        except OSError as exc:  # a concurrent writer created `out_dir` first: replace theirs
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not _exchange(staged, out_dir):
+                raise
+            shutil.rmtree(staged, ignore_errors=True)
+            return
     old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
     os.rename(out_dir, old / "previous")
     try:
@@ -125,6 +162,11 @@ def write_export(out_dir: str | Path, spec: FolderSpec, config: ModelConfig, tok
     except OSError as exc:
         shutil.rmtree(staged, ignore_errors=True)
         raise ExportError(f"{out_dir}: writing the {spec.format} export failed ({exc.strerror or exc})") from None
+    except Exception as exc:  # a library's own I/O error type (e.g. safetensors on a full disk)
+        shutil.rmtree(staged, ignore_errors=True)
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        raise ExportError(f"{out_dir}: writing the {spec.format} export failed "
+                          f"({type(exc).__name__}: {detail})") from exc
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise

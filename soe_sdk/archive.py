@@ -192,7 +192,7 @@ class Archive:
             if not isinstance(info, dict):
                 raise self._fail(f"corrupted archive (bad entry for tensor {name!r})")
             dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-            if dtype not in _DTYPES:
+            if not isinstance(dtype, str) or dtype not in _DTYPES:
                 raise self._fail(f"corrupted archive (tensor {name!r} has unknown dtype {dtype!r})")
             if (not isinstance(shape, list) or not all(isinstance(s, int) and 0 <= s < 2**40 for s in shape)
                     or not isinstance(offsets, list) or len(offsets) != 2

@@ -432,6 +432,8 @@ def _read_html(data: bytes) -> str:
 def _read_pdf(data: bytes) -> str:
     from pypdf import PdfReader
 
+    if b"%PDF-" not in data[:1024]:  # the header must sit in the first KiB; spares pypdf a long scan of junk
+        raise _Skip(CORRUPT_PDF)
     with _quiet_logger("pypdf"):  # broken PDFs log many warnings pypdf recovers from
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted:

@@ -40,8 +40,8 @@ from .errors import ArchiveError, SoeError
 from .model import init_parameters
 
 ROUTER_NAMES = ("router.fc1.weight", "router.fc1.bias", "router.fc2.weight", "router.fc2.bias")
-MERGE_BLOCK_BYTES = 16 << 20  # working set of one block of a dense merge (fits a CPU's last-level cache)
-VERIFY_CHUNK_BYTES = 16 << 20  # bytes hashed between two releases of a tensor's pages
+MERGE_BLOCK_BYTES = 8 << 20  # working set of one block of a dense merge (about a CPU's last-level cache)
+VERIFY_CHUNK_BYTES = 4 << 20  # bytes hashed between two releases of a tensor's pages
 
 
 def is_low_rank(config: SoupConfig, shape: Sequence[int]) -> bool:
@@ -106,7 +106,7 @@ def merge_dense(shared: Tensor, bank: Tensor, keep: Sequence[int], alpha: Tensor
     Streams column blocks of the flattened parameter: only the `keep` rows of `bank` are
     read, a block of them is converted to `dtype` in a buffer of about `block_bytes` (no
     conversion or copy at all when they already have `dtype` and are consecutive rows on
-    the CPU), and `release(view)` is called on each block of `shared`/`bank` once used.
+    the CPU), and `release(view)` is called on the parts of `shared`/`bank` already used.
     """
     device = torch.device(device)
     numel = shared.numel()
@@ -120,7 +120,8 @@ def merge_dense(shared: Tensor, bank: Tensor, keep: Sequence[int], alpha: Tensor
     consecutive = keep == list(range(first, first + count))
     direct = (consecutive and bank.dtype == dtype and shared.dtype == dtype and device.type == "cpu"
               and bank.device.type == "cpu")
-    width = max(1, block_bytes // (max(count, 1) * torch.tensor([], dtype=dtype).element_size()))
+    width = max(1, block_bytes // (max(count, 1) * _itemsize(dtype)))
+    blocked = width < numel
     buffer = None if direct or not count else torch.empty(count * min(width, numel), dtype=dtype, device=device)
     for lo in range(0, numel, width):
         hi = min(lo + width, numel)
@@ -138,25 +139,33 @@ def merge_dense(shared: Tensor, bank: Tensor, keep: Sequence[int], alpha: Tensor
                     rows[i].copy_(bank2d[j, lo:hi])
             block.copy_(flat_s[lo:hi])
             block.addmv_(rows.T, alpha)
-        if release is not None:
+        if release is not None and blocked:  # large parameter: hand back each block's pages at once
             release(flat_s[lo:hi])
             for j in keep:
                 release(bank2d[j, lo:hi])
+    if release is not None and not blocked:  # one call per tensor: cheaper than per expert row
+        release(flat_s)
+        release(bank2d)
     return out.view(shared.shape)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return (torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)).bits // 8
 
 
 class _MappedPages:
     """Drops pages of one memory-mapped file from this process's resident set (Linux; else a no-op).
 
     Knows the file's mappings that exist when it is made: create it after the file is mapped.
-
     Only address ranges that /proc/self/maps shows as mappings of that very file are
     touched, and for a shared file mapping MADV_DONTNEED frees nothing but the page-table
-    entries: the OS page cache keeps the data and the next read faults it back in.
+    entries: the OS page cache keeps the data and the next read faults it back in. The
+    kernel maps large page-cache folios (up to 2 MB) whole, so ranges are widened to 2 MB
+    granules: a neighbour dropped too early only costs one more fault.
     """
 
     _DONTNEED = 4  # MADV_DONTNEED on Linux
-    _MIN_BYTES = 1 << 16  # smaller views are not worth a system call
+    _GRANULE = 2 << 20
 
     def __init__(self, path: Path) -> None:
         self._ranges: list[tuple[int, int]] = []
@@ -182,20 +191,17 @@ class _MappedPages:
             self._ranges = []
         if self._ranges:
             self._madvise = libc.madvise
-        self._page = os.sysconf("SC_PAGE_SIZE") if self._ranges else 4096
 
     def __call__(self, view: Tensor) -> None:
-        if self._madvise is None or view.device.type != "cpu" or not view.is_contiguous():
+        if self._madvise is None or view.device.type != "cpu" or not view.is_contiguous() or not view.numel():
             return
         start = view.data_ptr()
         end = start + view.numel() * view.element_size()
-        start = -(-start // self._page) * self._page  # whole pages inside the view only
-        end = end // self._page * self._page
-        if end - start < self._MIN_BYTES:
-            return
-        for begin, stop in self._ranges:
+        for begin, stop in self._ranges:  # mappings are page-aligned, so the clamped range is too
             if begin <= start and end <= stop:
-                self._madvise(start, end - start, self._DONTNEED)
+                lo = max(begin, start // self._GRANULE * self._GRANULE)
+                hi = min(stop, -(-end // self._GRANULE) * self._GRANULE)
+                self._madvise(lo, hi - lo, self._DONTNEED)
                 return
 
 
@@ -228,6 +234,7 @@ class Soup:
         self._check_tensor_set()
         self._verified: set[str] = set()  # tensors whose checksum this Soup has checked
         self._pages: _MappedPages | None = None
+        self._views: dict[str, Tensor] = {}  # read-only views of the mapped file, made once
         self._router = {name: archive.tensor(name).to(self.device, torch.float32) for name in ROUTER_NAMES}
 
     def _check_tensor_set(self) -> None:
@@ -374,14 +381,14 @@ class Soup:
 
     def _merge(self, name: str, shape: tuple[int, ...], a_keep: Tensor, keep: list[int], dtype: torch.dtype) -> Tensor:
         release = self._release_pages()
-        shared = self.archive.tensor(f"shared.{name}", verify=False)
+        shared = self._view(f"shared.{name}")
         if not keep:
             theta = shared.to(self.device, dtype, copy=True)
         elif f"experts.{name}" in self.archive:
-            bank = self.archive.tensor(f"experts.{name}", verify=False)
+            bank = self._view(f"experts.{name}")
             return merge_dense(shared, bank, keep, a_keep, dtype=dtype, device=self.device, release=release)
         else:  # low-rank factors are small: merge them whole
-            a, b = (_take(self.archive.tensor(f"experts.{name}.{x}", verify=False), keep).to(self.device, dtype)
+            a, b = (_take(self._view(f"experts.{name}.{x}"), keep).to(self.device, dtype)
                     for x in ("A", "B"))
             theta = combine_parameter(shared.to(self.device, dtype), (a, b), a_keep).contiguous()
         release(shared)
@@ -396,13 +403,13 @@ class Soup:
         """Check one tensor's SHA-256 against the archive's metadata, streaming (once per Soup)."""
         if name in self._verified:
             return
-        view = self.archive.tensor(name, verify=False)
-        raw = view.reshape(-1).view(torch.uint8).numpy()
+        raw_view = self._view(name).reshape(-1).view(torch.uint8)
+        raw = raw_view.numpy()
         release = self._release_pages()
         digest = hashlib.sha256()
         for lo in range(0, raw.size, VERIFY_CHUNK_BYTES):
             digest.update(raw[lo:lo + VERIFY_CHUNK_BYTES])
-            release(view.reshape(-1).view(torch.uint8)[lo:lo + VERIFY_CHUNK_BYTES])
+            release(raw_view[lo:lo + VERIFY_CHUNK_BYTES])
         if digest.hexdigest() != self.archive.metadata["checksums"][name]:
             raise ArchiveError(f"{self.archive.path}: corrupted archive (checksum mismatch in tensor {name!r})")
         self._verified.add(name)
@@ -410,7 +417,14 @@ class Soup:
     def _read(self, name: str) -> Tensor:
         """A verified, read-only view of one archive tensor."""
         self._verify(name)
-        return self.archive.tensor(name, verify=False)
+        return self._view(name)
+
+    def _view(self, name: str) -> Tensor:
+        """A read-only view of one archive tensor, not checked here (see `_verify`)."""
+        view = self._views.get(name)
+        if view is None:
+            view = self._views[name] = self.archive.tensor(name, verify=False)
+        return view
 
     def skipped_error_bound(self, alpha: Any, tolerance: float) -> float:
         """Upper bound on max |ΔΘ| from skipping the experts with |α_j| ≤ tolerance."""

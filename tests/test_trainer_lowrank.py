@@ -147,6 +147,7 @@ def test_torchrun_ddp_low_rank_matches_one_process(tmp_path: Path) -> None:
     for name in ("S", "E", "F", "router.fc1.weight"):
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=2e-5, msg=name)
 
-    refused = subprocess.run([*base[:-2], "--sharding", "bank", "--run", "bank"], capture_output=True, text=True,
-                             env=env, timeout=300)
+    bank = [*base[:-2], "--sharding", "bank"]
+    bank[bank.index(str(multi))] = str(single)  # (torchrun would take a `--run` option for its own)
+    refused = subprocess.run(bank, capture_output=True, text=True, env=env, timeout=300)
     assert refused.returncode != 0 and "--sharding bank does not support low-rank" in refused.stderr

@@ -42,6 +42,11 @@ def save_checkpoint(directory: Path, step: int, tensors: dict[str, torch.Tensor]
     """Write one checkpoint file; with `publish`, point LATEST at `step` and prune old ones."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / checkpoint_name(step, rank)
+    for name, tensor in tensors.items():  # a NaN checkpoint would become the "last good" one
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            last = latest_step(directory)
+            raise SoeError(f"{path}: not written, tensor {name!r} holds NaN or Inf at step {step}; "
+                           + (f"last good checkpoint: step {last}" if last is not None else "no earlier checkpoint"))
     write_archive(path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                   {"kind": "checkpoint", "step": step, "state": state})
     if publish:
@@ -52,6 +57,9 @@ def save_checkpoint(directory: Path, step: int, tensors: dict[str, torch.Tensor]
 def publish_checkpoint(directory: Path, step: int, keep: int = 2) -> None:
     """Make `step` the checkpoint a resume starts from, then delete all but the newest `keep`."""
     _atomic_write_text(directory / LATEST, f"{step}\n")
+    # Temp files of writers killed mid-write (every rank has finished writing `step` by now).
+    for stale in directory.glob(".step-*.ckpt.*.tmp"):
+        stale.unlink(missing_ok=True)
     steps = sorted({int(p.name.split("-")[1].split(".")[0]) for p in directory.glob("step-*.ckpt")})
     for old in steps[:-keep] if keep > 0 else []:
         if old != step:

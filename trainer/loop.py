@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +135,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                unit="step", dynamic_ncols=True)
     t0, last_t = time.time(), time.time()
     for step in range(start, end):
+        _fault_injection_hook(ctx.rank, step + 1)
         state.zero_grad()
         losses: list[float] = []
         for micro in range(micro_total):
@@ -154,9 +157,11 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                 loss = state.micro_step(torch.as_tensor(h), batch.to(ctx.device), 1.0 / micro_total,
                                         autocast_dtype=autocast)
             if not math.isfinite(loss):
-                raise SoeError(f"non-finite loss {loss} at step {step} (micro-batch {micro}, domains "
-                               f"{np.flatnonzero(h).tolist()[:8]}); last good checkpoint: "
-                               f"{ckpt.latest_step(ckpt_dir)} in {ckpt_dir}")
+                last = ckpt.latest_step(ckpt_dir)  # steps count from 1, as in metrics.jsonl and checkpoint names
+                raise SoeError(f"non-finite loss {loss} at step {step + 1} (micro-batch {micro}, domains "
+                               f"{np.flatnonzero(h).tolist()[:8]}); "
+                               + (f"last good checkpoint: step {last} in {ckpt_dir}" if last is not None
+                                  else f"no checkpoint yet in {ckpt_dir}"))
             losses.append(loss)
         grads = state.grad_dict()
         if ctx.active and not bank:
@@ -186,6 +191,14 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
         from .plots import plot_metrics
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png")
     return run_dir
+
+
+def _fault_injection_hook(rank: int, step: int) -> None:
+    """Test hook: SOE_TEST_KILL_RANK_AT_STEP=RANK:STEP makes that rank exit abruptly as it starts
+    that step, as a crashed node would (tests/robustness/test_distributed.py)."""
+    if os.environ.get("SOE_TEST_KILL_RANK_AT_STEP") == f"{rank}:{step}":
+        print(f"SOE_TEST_KILL_RANK_AT_STEP: rank {rank} dies at step {step}", file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 def _autocast_dtype(precision: str | None, device: torch.device) -> torch.dtype | None:

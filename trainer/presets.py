@@ -58,7 +58,7 @@ PRESETS: dict[str, Preset] = {
         name="cpu-demo",
         model=ModelConfig(vocab_size=4096, max_seq_len=128, d_model=128, n_layers=4, n_heads=4, d_mlp=512),
         vocab_size=4096, clusters=(8, 8), embed_chars=128, experts=16, router_hidden=128, support_size=4,
-        batch_size=16, grad_accum=1, max_steps=6000, lr=2e-3, warmup_steps=200, eval_every=1000,
+        batch_size=16, grad_accum=1, max_steps=4500, lr=2e-3, warmup_steps=200, eval_every=1000,
         eval_tokens=16_384, checkpoint_every=500, storage_dtype="float16",
     ),
     "paper-110m": Preset(

@@ -282,8 +282,9 @@ def odd_header(orig: Original, rng: random.Random) -> tuple[str, bytes]:
 def rewritten(orig: Original, rng: random.Random, tmp: Path) -> tuple[str, bytes]:
     """A self-consistent archive (fresh checksums) with a tensor missing, added, or reshaped."""
     tensors = dict(orig.tensors)
-    document = {k: v for k, v in orig.meta.items() if k != "checksums"}
-    name = rng.choice(sorted(tensors))
+    document = {k: v for k, v in orig.meta.items() if k not in ("checksums", "layout")}
+    # Router biases are left to test_router_bias_shapes_are_checked (a known gap in soup.py).
+    name = rng.choice(sorted(k for k in tensors if not k.endswith(".bias") or not k.startswith("router.")))
     action = rng.choice(["missing", "extra", "reshaped", "zero-sized", "scalar"])
     if action == "missing":
         del tensors[name]
@@ -403,6 +404,44 @@ def test_corruption_campaign_long(original: Original, tmp_path: Path) -> None:
     result = run_campaign(original, tmp_path, SEED + 1_000_000, SLOW_CASES)
     _check(result, SLOW_CASES)
     print(json.dumps({k: v for k, v in result.items() if k != "failures"}))
+
+
+# ---------------------------------------------------------------- known gaps (fixes belong to soup.py / config.py)
+
+def _resealed(orig: Original, tmp: Path, edit: Callable[[dict], None]) -> Path:
+    header = _copy_header(orig)
+    document = json.loads(header["__metadata__"]["soe"])
+    edit(document)
+    _reseal(header, document)
+    path = tmp / "forged.soe"
+    path.write_bytes(_with_header(orig, header))
+    return path
+
+
+@pytest.mark.xfail(strict=True, reason="soup.py/config.py: Soup builds parameter_shapes() for any n_layers; "
+                   "bound n_layers (or compare 12*n_layers+4 with the tensor count) before building it")
+def test_absurd_layer_count_is_rejected_quickly(original: Original, tmp_path: Path) -> None:
+    path = _resealed(original, tmp_path, lambda d: d["soup_config"]["model"].update(n_layers=2**40))
+    with time_limit(3), pytest.raises(SoeError):  # the load itself, bounded: the gap is a runaway loop
+        soe_sdk.load(path)
+
+
+@pytest.mark.xfail(strict=True, reason="soup.py: Soup._check_tensor_set does not check the shapes of "
+                   "router.fc1.bias [hidden] and router.fc2.bias [n]")
+def test_router_bias_shapes_are_checked(original: Original, tmp_path: Path) -> None:
+    tensors = dict(original.tensors)
+    tensors["router.fc1.bias"] = tensors["router.fc1.bias"][:1]  # broadcasts silently
+    path = tmp_path / "bias.soe"
+    write_archive(path, tensors, {k: v for k, v in original.meta.items() if k not in ("checksums", "layout")})
+    assert judge(original, path) == "rejected"
+
+
+@pytest.mark.xfail(strict=True, reason="soup.py: the tokenizer JSON is parsed only on first use, so a bad one "
+                   "raises a tokenizers exception instead of an ArchiveError at load")
+def test_resealed_bad_tokenizer_is_rejected_at_load(original: Original, tmp_path: Path) -> None:
+    path = _resealed(original, tmp_path, lambda d: d.update(tokenizer="{not a tokenizer"))
+    with pytest.raises(SoeError, match="tokenizer"):
+        soe_sdk.load(path).tokenizer()
 
 
 _NO_PICKLE_PROBE = r"""
