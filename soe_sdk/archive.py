@@ -57,6 +57,12 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.numpy().tobytes()
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def write_archive(path: str | Path, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                   metadata: Mapping[str, Any]) -> str:
     """Write tensors and metadata to `path` atomically; return the file's SHA-256.
@@ -101,6 +107,7 @@ def write_archive(path: str | Path, tensors: Mapping[str, torch.Tensor] | Iterab
                 digest.update(chunk)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600; an archive is meant to be shared
         os.replace(tmp_name, path)
     except OSError as exc:
         Path(tmp_name).unlink(missing_ok=True)

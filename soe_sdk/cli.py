@@ -78,7 +78,8 @@ def info_main(archive: Path, as_json: bool, no_verify: bool) -> None:
         f"k={soup.k} domains, router hidden={soup.config.router.hidden}, stored as {summary['storage_dtype']}",
         f"  parameters {_human(counts['instantiated'])} per specialist, {_human(counts['experts'])} in the expert bank, "
         f"{_human(counts['total'])} in all",
-        f"  embedder   {soup.embedder.name} (dim {soup.embedder.dim}, max {soup.embedder.max_seq_length} tokens, "
+        f"  embedder   {soup.embedder.name} (dim {soup.embedder.dim}, max {soup.embedder.max_seq_length} tokens"
+        f"{f' of the first {soup.embedder.max_chars} characters' if soup.embedder.max_chars else ''}, "
         f"{soup.embedder.precision}{', normalised' if soup.embedder.normalize else ''})",
         f"  trained    {prov.get('steps', '?')} steps, {_human(prov.get('tokens') or 0)} tokens on {prov.get('corpus') or '?'}"
         f" (preset {prov.get('preset', '?')}, {_meta_dist(prov)})",
