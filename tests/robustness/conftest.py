@@ -20,12 +20,21 @@ sys.path.insert(0, str(GUARD_DIR))
 import soe_netguard  # noqa: E402
 
 
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """Environment for a child process: guarded, offline, one thread, the repo importable."""
+def subprocess_env(offline_flags: bool = True, **extra: str) -> dict[str, str]:
+    """Environment for a child process: guarded, one thread, the repo importable.
+
+    `offline_flags=False` drops HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, to prove the code needs
+    no network even when the libraries are allowed to try (the guard then records any try).
+    """
     env = dict(os.environ)
     parts = [str(GUARD_DIR), str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env.update(PYTHONPATH=os.pathsep.join(parts), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.update(PYTHONPATH=os.pathsep.join(parts), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               MKL_NUM_THREADS="1")
+    if offline_flags:
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    else:
+        env.pop("HF_HUB_OFFLINE", None)
+        env.pop("TRANSFORMERS_OFFLINE", None)
     env.update(extra)
     return env
 

@@ -406,6 +406,29 @@ def test_corruption_campaign_long(original: Original, tmp_path: Path) -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "failures"}))
 
 
+def test_header_dtype_or_shape_forgery_is_caught(original: Original, tmp_path: Path) -> None:
+    """The header's dtype and shape are not covered by the byte checksums: the signed layout is."""
+    for name, edit in (("shared.ln_f.weight", {"dtype": "I32"}),  # same bytes, read as integers
+                       ("shared.h.0.attn.qkv.weight", {"shape": [32, 96]})):  # same size, transposed
+        header = _copy_header(original)
+        header[name].update(edit)
+        path = tmp_path / "forged.soe"
+        path.write_bytes(_with_header(original, header))
+        with pytest.raises(SoeError, match="differ from the signed layout"):
+            soe_sdk.load(path)
+
+
+def test_archives_without_a_signed_layout_still_load(original: Original, tmp_path: Path) -> None:
+    """Archives written before the layout was signed stay readable (and as safe as they were)."""
+    header = _copy_header(original)
+    document = json.loads(header["__metadata__"]["soe"])
+    del document["layout"]
+    _reseal(header, document)
+    path = tmp_path / "legacy.soe"
+    path.write_bytes(_with_header(original, header))
+    assert judge(original, path) == "harmless"
+
+
 # ---------------------------------------------------------------- known gaps (fixes belong to soup.py / config.py)
 
 def _resealed(orig: Original, tmp: Path, edit: Callable[[dict], None]) -> Path:

@@ -193,7 +193,9 @@ def test_killed_export_leaves_the_previous_export_intact(tiny_soup_path: Path, t
     (docs / "notes.txt").write_text("The river ran slowly past the old mill.\n\nSELECT name FROM users;\n")
     cmd = [sys.executable, "-m", "soe_sdk.cli", "export", "--docs", str(docs), "--soup", str(tiny_soup_path),
            "--format", "safetensors", "--out", str(out), "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
+    # Without the offline flags: loading the embedder must not even try the network (the guard logs tries).
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=subprocess_env(offline_flags=False))
     assert _kill_when(proc, lambda: bool(_leftovers(out.parent, out.name))), "export ended before staging began"
     assert _tree_bytes(out) == before  # the kill landed mid-export: nothing of it is visible
     assert _assert_complete_export(out)["name"] == "previous"
@@ -246,7 +248,7 @@ def test_concurrent_exports_to_one_folder_never_interleave(tokenizer_json: str, 
     out = tmp_path / "shared-out"
     tokenizer_file = tmp_path / "tokenizer.json"
     tokenizer_file.write_text(tokenizer_json)
-    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, w, "12", str(out), str(tokenizer_file)],
+    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, w, "8", str(out), str(tokenizer_file)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
                for w in ("a", "b")]
     seen: set[str] = set()
@@ -262,7 +264,7 @@ def test_concurrent_exports_to_one_folder_never_interleave(tokenizer_json: str, 
         assert w.returncode == 0, stderr[-2000:]
     assert absent_after_first == 0  # the folder is exchanged atomically, never missing
     final = _assert_complete_export(out)["name"]
-    assert final in {"writer-a-11", "writer-b-11"}
+    assert final in {"writer-a-7", "writer-b-7"}
     assert len(seen) >= 2, seen  # the watcher did observe the folder changing hands
     assert _leftovers(tmp_path, out.name) == []
 
