@@ -8,7 +8,10 @@ For each archive (written to a temporary folder and deleted afterwards) it times
 
 - numpy     `S + α @ E` per parameter on in-memory float32 arrays holding the same values:
             the baseline "read the bytes once" (the target is warm ≤ 1.5× this);
-- warm      `instantiate(α)` on a Soup whose tensors were already checksum-verified;
+- warm      `instantiate(α)` on a Soup whose tensors were already checksum-verified, with
+            the default `low_memory` (on above 1 GiB: pages are released as the merge
+            streams, so each merge maps them again);
+- mapped    the same with `low_memory=False` (pages stay mapped between merges);
 - cold      `instantiate(α)` on a freshly opened Soup: includes the SHA-256 check of every
             tensor it reads (overlapped with the merge). The file is in the OS page cache,
             so "cold" means first read by this process, not a disk read;
@@ -16,8 +19,9 @@ For each archive (written to a temporary folder and deleted afterwards) it times
 - naive     the pre-streaming merge (each bank converted whole to fp32, then one GEMV);
 - half      warm `instantiate` with every other α_j = 0 (only those experts are read).
 
-For the largest archive a fresh subprocess also records peak resident memory during a cold
-`instantiate` (VmHWM, reset just before the merge) against the target size(Θ) + 300 MB.
+For the largest archive fresh subprocesses also record peak resident memory during a cold
+`instantiate` (VmHWM, reset just before the merge), with the default `low_memory` (the
+target: < size(Θ) + 300 MB) and with `low_memory=False` for comparison.
 Prints one JSON line per measurement and a table.
 """
 from __future__ import annotations
@@ -125,23 +129,23 @@ def status(key):
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
-soup = soe_sdk.load(sys.argv[1])
+soup = soe_sdk.load(sys.argv[1], low_memory={"auto": None, "on": True, "off": False}[sys.argv[2]])
 alpha = torch.randn(soup.n, generator=torch.Generator().manual_seed(0))
 before = status("VmRSS")
 Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
 start = time.perf_counter()
 theta = soup.instantiate(alpha)
 seconds = time.perf_counter() - start
-print(json.dumps({"rss_before_mb": before, "peak_rss_mb": status("VmHWM"), "rss_after_mb": status("VmRSS"),
+print(json.dumps({"low_memory": soup.low_memory, "rss_before_mb": before, "peak_rss_mb": status("VmHWM"), "rss_after_mb": status("VmRSS"),
                   "theta_mb": sum(v.numel() * v.element_size() for v in theta.values()) / 2**20,
                   "cold_seconds": seconds}))
 """
 
 
-def peak_rss(path: Path) -> dict:
+def peak_rss(path: Path, low_memory: str = "auto") -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", RSS_CHILD, str(path)], capture_output=True, text=True, env=env,
-                          check=True)
+    done = subprocess.run([sys.executable, "-c", RSS_CHILD, str(path), low_memory], capture_output=True, text=True,
+                          env=env, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -169,19 +173,27 @@ def bench(size: str, dtype_name: str, reps: int, folder: Path, with_rss: bool) -
     del theta, reference
 
     t_warm, warm_runs = median_time(lambda: soup.instantiate(alpha), reps)
+    if soup.low_memory:
+        mapped = soe_sdk.load(path, low_memory=False)
+        mapped.instantiate(alpha)
+        t_mapped, _ = median_time(lambda: mapped.instantiate(alpha), reps)
+        del mapped
+    else:
+        t_mapped = t_warm
     t_half, _ = median_time(lambda: soup.instantiate(half), reps)
     t_naive, _ = median_time(lambda: naive_merge(soup, alpha), reps)
     t_cold, cold_runs = median_time(lambda: soe_sdk.load(path).instantiate(alpha), reps)
     t_verify, _ = median_time(lambda: soe_sdk.load(path).archive.verify_all(), max(1, reps // 2))
     row = {"size": size, "storage": dtype_name, "file_mb": file_bytes / 2**20, "experts": EXPERTS,
            "theta_params": SIZES[size].num_parameters(), "build_s": build_s, "numpy_s": t_numpy,
-           "warm_s": t_warm, "cold_s": t_cold, "verify_s": t_verify, "naive_s": t_naive, "half_alpha_s": t_half,
+           "low_memory": soup.low_memory, "warm_s": t_warm, "mapped_s": t_mapped, "mapped_ratio": t_mapped / t_numpy, "cold_s": t_cold, "verify_s": t_verify, "naive_s": t_naive, "half_alpha_s": t_half,
            "warm_ratio": t_warm / t_numpy, "cold_ratio": t_cold / t_numpy,
            "warm_gb_per_s": file_bytes / t_warm / 1e9, "max_abs_diff_vs_naive": max_diff,
            "warm_runs": warm_runs, "cold_runs": cold_runs}
     if with_rss:
         row["rss"] = peak_rss(path)
         row["rss"]["target_mb"] = row["rss"]["theta_mb"] + 300
+        row["rss_mapped"] = peak_rss(path, "off")
     emit(row)
     del soup
     gc.collect()
@@ -210,19 +222,22 @@ def main() -> None:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
-    print(f"\n{'archive':<16}{'MB':>8}{'numpy':>8}{'warm':>8}{'ratio':>7}{'cold':>8}{'ratio':>7}"
-          f"{'verify':>8}{'naive':>8}{'½α':>7}{'GB/s':>7}")
+    print(f"\n{'archive':<16}{'MB':>7}{'lowmem':>7}{'numpy':>8}{'warm':>8}{'ratio':>7}{'mapped':>8}{'ratio':>7}"
+          f"{'cold':>8}{'ratio':>7}{'verify':>8}{'naive':>8}{'½α':>7}")
     for r in rows:
-        print(f"{r['size'] + '-' + r['storage']:<16}{r['file_mb']:>8.0f}{r['numpy_s']:>8.3f}{r['warm_s']:>8.3f}"
-              f"{r['warm_ratio']:>6.2f}x{r['cold_s']:>8.3f}{r['cold_ratio']:>6.2f}x{r['verify_s']:>8.3f}"
-              f"{r['naive_s']:>8.3f}{r['half_alpha_s']:>7.3f}{r['warm_gb_per_s']:>7.2f}")
+        print(f"{r['size'] + '-' + r['storage']:<16}{r['file_mb']:>7.0f}{'yes' if r['low_memory'] else 'no':>7}"
+              f"{r['numpy_s']:>8.3f}{r['warm_s']:>8.3f}{r['warm_ratio']:>6.2f}x{r['mapped_s']:>8.3f}"
+              f"{r['mapped_ratio']:>6.2f}x{r['cold_s']:>8.3f}{r['cold_ratio']:>6.2f}x{r['verify_s']:>8.3f}"
+              f"{r['naive_s']:>8.3f}{r['half_alpha_s']:>7.3f}")
     for r in rows:
         if "rss" in r:
             rss = r["rss"]
             print(f"peak RSS, cold instantiate of {r['size']}-{r['storage']} ({r['file_mb']:.0f} MB) in a fresh process: "
                   f"{rss['peak_rss_mb']:.0f} MB (before the merge {rss['rss_before_mb']:.0f} MB, Θ {rss['theta_mb']:.0f} MB; "
-                  f"target < Θ + 300 MB = {rss['target_mb']:.0f} MB: {'met' if rss['peak_rss_mb'] < rss['target_mb'] else 'NOT met'})")
-    print("seconds are medians; ratio = time / numpy; numpy = S + α @ E on in-memory float32 arrays")
+                  f"target < Θ + 300 MB = {rss['target_mb']:.0f} MB: {'met' if rss['peak_rss_mb'] < rss['target_mb'] else 'NOT met'}); "
+                  f"with low_memory=False: {r['rss_mapped']['peak_rss_mb']:.0f} MB")
+    print("seconds are medians; ratio = time / numpy; numpy = S + α @ E on in-memory float32 arrays; "
+          "½α = warm with every other α_j = 0")
 
 
 if __name__ == "__main__":
