@@ -56,7 +56,7 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
 @click.argument("workdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--preset", default="tiny", type=click.Choice(sorted(PRESETS)), show_default=True)
 @click.option("--experts", type=int, help="Number of experts n (0 = a plain model).")
-@click.option("--rank", "expert_rank", type=int, help="Low-rank experts of this rank (0 = dense).")
+@click.option("--rank", "expert_rank", type=int, help="Low-rank experts of this rank (0 = dense; ddp sharding only).")
 @click.option("--max-steps", type=int, help="Total optimizer steps of the run.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints.")
