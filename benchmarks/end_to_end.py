@@ -119,9 +119,10 @@ def main() -> None:
     for r in rows:
         t = r["timings_s"]
         cells = "".join(f"{t[s]:>9.2f}" if s in t else f"{'-':>9}" for s in STAGES)
-        losses = r["losses"]
-        print(f"{'refine' if r['refine'] else 'plain':<10}{r['chunks']:>7}{r['wall_s']:>8.1f}{cells}{r['untimed_s']:>8.1f}"
-              f"  {losses.get('heldout_specialist', float('nan')):.3f} / {losses.get('heldout_generic_soup', float('nan')):.3f}")
+        spec, generic = (r["losses"].get(k, float("nan")) for k in ("heldout_specialist", "heldout_generic_soup"))
+        label = "refine" if r["refine"] else "plain"
+        print(f"{label:<10}{r['chunks']:>7}{r['wall_s']:>8.1f}{cells}{r['untimed_s']:>8.1f}"
+              f"  {spec:.3f} / {generic:.3f}")
     print("seconds; wall = the whole soe-export process; other = wall minus the timed stages "
           "(interpreter start, imports, soup and embedder loading, report and chart)")
 

@@ -148,7 +148,8 @@ def _timed(fn, *args) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--soup", type=Path, default=default_soup_path())
-    parser.add_argument("--set", default="python-docs", help="specialist corpus set for the documents and held-out loss")
+    parser.add_argument("--set", default="python-docs",
+                        help="specialist corpus set for the documents and held-out loss")
     parser.add_argument("--train-chunks", type=int, default=300)
     parser.add_argument("--eval-windows", type=int, default=48)
     parser.add_argument("--prompt-tokens", type=int, default=0, help="default: the context length")

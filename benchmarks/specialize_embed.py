@@ -84,7 +84,8 @@ def agreement(a: np.ndarray, b: np.ndarray, centroids: np.ndarray) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--soup", type=Path, default=default_soup_path(), help="archive whose spec and centroids are used")
+    parser.add_argument("--soup", type=Path, default=default_soup_path(),
+                        help="archive whose spec and centroids are used")
     parser.add_argument("--n", type=int, default=300, help="chunks per timed run")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -117,7 +118,8 @@ def main() -> None:
     methods = {
         "plain_fp32_full": lambda: plain.encode(texts, batch_size=args.batch_size, normalize_embeddings=spec.normalize),
         "sdk_embedder": lambda: sdk.encode(texts, batch_size=args.batch_size),
-        "plain_fp32_heads": lambda: plain.encode(heads, batch_size=args.batch_size, normalize_embeddings=spec.normalize),
+        "plain_fp32_heads": lambda: plain.encode(heads, batch_size=args.batch_size,
+                                                 normalize_embeddings=spec.normalize),
     }
     seconds: dict[str, list[float]] = {m: [] for m in methods}
     vectors: dict[str, np.ndarray] = {}

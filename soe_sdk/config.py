@@ -39,6 +39,12 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        # Bounds far above any real small model: a forged config must not make a loader allocate forever.
+        limits = {"vocab_size": 1 << 24, "max_seq_len": 1 << 20, "d_model": 1 << 16, "n_layers": 1024,
+                  "n_heads": 1024, "d_mlp": 1 << 18}
+        for name, limit in limits.items():
+            if getattr(self, name) > limit:
+                raise ValueError(f"{name}={getattr(self, name)} exceeds the supported maximum {limit}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
 

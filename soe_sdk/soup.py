@@ -42,6 +42,8 @@ from .model import init_parameters
 ROUTER_NAMES = ("router.fc1.weight", "router.fc1.bias", "router.fc2.weight", "router.fc2.bias")
 MERGE_BLOCK_BYTES = 8 << 20  # working set of one block of a dense merge (about a CPU's last-level cache)
 VERIFY_CHUNK_BYTES = 4 << 20  # bytes hashed between two releases of a tensor's pages
+LOW_MEMORY_ABOVE_BYTES = 1 << 30  # default for `low_memory`: release the pages of archives above this size
+VERIFY_THREADS = max(1, min(2, os.cpu_count() or 1))  # SHA-256 is compute-bound: hash two tensors at once
 
 
 def is_low_rank(config: SoupConfig, shape: Sequence[int]) -> bool:
@@ -100,19 +102,25 @@ def combine_parameter(shared: Tensor, experts: Tensor | tuple[Tensor, Tensor] | 
 
 def merge_dense(shared: Tensor, bank: Tensor, keep: Sequence[int], alpha: Tensor, *,
                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                block_bytes: int = MERGE_BLOCK_BYTES, release: Callable[[Tensor], None] | None = None) -> Tensor:
+                block_bytes: int = MERGE_BLOCK_BYTES, release: Callable[[Tensor], None] | None = None,
+                scratch: Tensor | None = None) -> Tensor:
     """S + Σ_i alpha[i]·bank[keep[i]] for one dense parameter, as a new tensor of `dtype` on `device`.
 
-    Streams column blocks of the flattened parameter: only the `keep` rows of `bank` are
-    read, a block of them is converted to `dtype` in a buffer of about `block_bytes` (no
-    conversion or copy at all when they already have `dtype` and are consecutive rows on
-    the CPU), and `release(view)` is called on the parts of `shared`/`bank` already used.
+    Streams column blocks of the flattened parameter and reads only the `keep` rows of
+    `bank`: consecutive rows that already have `dtype` on the CPU go straight from the
+    (memory-mapped) bank into one GEMV per block; other consecutive rows are converted
+    a block at a time into a buffer of about `block_bytes`; scattered rows are added one
+    by one into the block, which stays in cache. When the parameter spans several blocks,
+    `release(view)` is called on each block of `shared` and of every kept row once used.
+    `scratch` (1-D, `dtype`, on `device`) is used as the conversion buffer when it is large
+    enough, so a merge of many parameters allocates (and page-faults) it once.
     """
     device = torch.device(device)
     numel = shared.numel()
     flat_s = shared.reshape(numel)
     bank2d = bank.reshape(bank.shape[0], numel)
-    out = torch.empty(numel, dtype=dtype, device=device)
+    out = torch.empty(shared.shape, dtype=dtype, device=device)
+    flat_out = out.view(numel)
     keep = list(keep)
     count = len(keep)
     alpha = alpha.to(device, dtype)
@@ -120,37 +128,48 @@ def merge_dense(shared: Tensor, bank: Tensor, keep: Sequence[int], alpha: Tensor
     consecutive = keep == list(range(first, first + count))
     direct = (consecutive and bank.dtype == dtype and shared.dtype == dtype and device.type == "cpu"
               and bank.device.type == "cpu")
-    width = max(1, block_bytes // (max(count, 1) * _itemsize(dtype)))
+    width = block_width(count, dtype, block_bytes)
     blocked = width < numel
-    buffer = None if direct or not count else torch.empty(count * min(width, numel), dtype=dtype, device=device)
+    if direct and count and not blocked:  # the common small parameter: one call, no slicing
+        torch.addmv(flat_s, bank2d[first:first + count].T, alpha, out=flat_out)
+        return out
+    coefficients = alpha.tolist() if not consecutive else []
+    buffer = None
+    if count and consecutive and not direct:
+        size = count * min(width, numel)
+        usable = (scratch is not None and scratch.numel() >= size and scratch.dtype == dtype
+                  and scratch.device == device)
+        buffer = scratch if usable else torch.empty(size, dtype=dtype, device=device)
     for lo in range(0, numel, width):
         hi = min(lo + width, numel)
-        block = out[lo:hi]
-        if not count:
-            block.copy_(flat_s[lo:hi])
-        elif direct:  # one GEMV straight from the (memory-mapped) bank rows
+        block = flat_out[lo:hi]
+        if direct and count:  # one GEMV straight from the bank rows
             torch.addmv(flat_s[lo:hi], bank2d[first:first + count, lo:hi].T, alpha, out=block)
-        else:
+        elif buffer is not None:  # one strided copy converts the block, then one GEMV
             rows = buffer[:count * (hi - lo)].view(count, hi - lo)
-            if consecutive:
-                rows.copy_(bank2d[first:first + count, lo:hi])
-            else:
-                for i, j in enumerate(keep):
-                    rows[i].copy_(bank2d[j, lo:hi])
+            rows.copy_(bank2d[first:first + count, lo:hi])
             block.copy_(flat_s[lo:hi])
             block.addmv_(rows.T, alpha)
-        if release is not None and blocked:  # large parameter: hand back each block's pages at once
+        else:
+            block.copy_(flat_s[lo:hi])
+            for c, j in zip(coefficients, keep):
+                block.add_(bank2d[j, lo:hi], alpha=c)
+        if release is not None and blocked:  # a large parameter hands back each block's pages at once
             release(flat_s[lo:hi])
             for j in keep:
                 release(bank2d[j, lo:hi])
-    if release is not None and not blocked:  # one call per tensor: cheaper than per expert row
-        release(flat_s)
-        release(bank2d)
-    return out.view(shared.shape)
+    return out
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return (torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)).bits // 8
+def block_width(count: int, dtype: torch.dtype, block_bytes: int = MERGE_BLOCK_BYTES) -> int:
+    """Columns per block of a dense merge over `count` experts computed in `dtype`.
+
+    About `block_bytes` for all rows together, but no more than 512 KB per row (a block of
+    the output should stay in a core's cache) and no less than 64 KB (fewer, larger calls).
+    """
+    itemsize = (torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)).bits // 8
+    per_row = min(512 << 10, max(64 << 10, block_bytes // max(count, 1)))
+    return max(1, min(per_row, block_bytes) // itemsize)
 
 
 class _MappedPages:
@@ -166,11 +185,13 @@ class _MappedPages:
 
     _DONTNEED = 4  # MADV_DONTNEED on Linux
     _GRANULE = 2 << 20
+    SMALL_BYTES = 32 << 20  # small tensors are released together, once this much of them was read
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, enabled: bool = True) -> None:
         self._ranges: list[tuple[int, int]] = []
         self._madvise = None
-        if not sys.platform.startswith("linux"):
+        self._small = 0
+        if not enabled or not sys.platform.startswith("linux"):
             return
         try:
             import ctypes
@@ -191,6 +212,18 @@ class _MappedPages:
             self._ranges = []
         if self._ranges:
             self._madvise = libc.madvise
+
+    def small(self, nbytes: int) -> None:
+        """Count a small tensor as read; release the whole file's pages every SMALL_BYTES of them."""
+        self._small += nbytes
+        if self._small >= self.SMALL_BYTES:
+            self.release_all()
+
+    def release_all(self) -> None:
+        self._small = 0
+        if self._madvise is not None:
+            for begin, stop in self._ranges:
+                self._madvise(begin, stop - begin, self._DONTNEED)
 
     def __call__(self, view: Tensor) -> None:
         if self._madvise is None or view.device.type != "cpu" or not view.is_contiguous() or not view.numel():
@@ -222,9 +255,14 @@ class Soup:
     parameter tensor at a time, reading only the experts whose |α_j| exceeds the tolerance.
     """
 
-    def __init__(self, archive: Archive, device: str | torch.device | None = None) -> None:
+    def __init__(self, archive: Archive, device: str | torch.device | None = None, *,
+                 low_memory: bool | None = None) -> None:
         self.archive = archive
         self.device = torch.device(device or "cpu")
+        # Releasing pages keeps the resident set near Θ's size, but every later merge must map
+        # them again, which measured ~2x slower than re-reading pages that stayed mapped.
+        self.low_memory = (archive.path.stat().st_size > LOW_MEMORY_ABOVE_BYTES if low_memory is None
+                           else bool(low_memory))
         meta = archive.metadata
         try:
             self.config = SoupConfig.from_dict(meta["soup_config"])
@@ -232,6 +270,7 @@ class Soup:
         except (KeyError, TypeError, SoeError, ValueError) as exc:
             raise SoeError(f"{archive.path}: corrupted archive (bad soup metadata: {exc})") from None
         self._check_tensor_set()
+        self._check_tokenizer()
         self._verified: set[str] = set()  # tensors whose checksum this Soup has checked
         self._pages: _MappedPages | None = None
         self._views: dict[str, Tensor] = {}  # read-only views of the mapped file, made once
@@ -250,8 +289,9 @@ class Soup:
             odd = sorted(expected ^ present)[0]
             raise SoeError(f"{self.archive.path}: corrupted archive (tensor {odd!r} is "
                            f"{'missing' if odd in expected else 'unexpected'})")
-        shapes = {"router.fc1.weight": (self.config.router.hidden, k), "router.fc2.weight": (n, self.config.router.hidden),
-                  "domains.h_generic": (k,)}
+        hidden = self.config.router.hidden
+        shapes = {"router.fc1.weight": (hidden, k), "router.fc1.bias": (hidden,),
+                  "router.fc2.weight": (n, hidden), "router.fc2.bias": (n,), "domains.h_generic": (k,)}
         for name, shape in self.config.model.parameter_shapes().items():
             shapes[f"shared.{name}"] = shape
             if n and not is_low_rank(self.config, shape):
@@ -263,6 +303,18 @@ class Soup:
         if self.archive.shape("domains.centroids") != (k, self.embedder.dim):
             raise SoeError(f"{self.archive.path}: corrupted archive (centroids do not match k={k}, "
                            f"dim={self.embedder.dim})")
+
+    def _check_tokenizer(self) -> None:
+        """Parse the tokenizer now, so a bad one is an archive error at load, not a crash later."""
+        from tokenizers import Tokenizer
+        try:
+            vocab = Tokenizer.from_str(self.archive.metadata["tokenizer"]).get_vocab_size()
+        except Exception as exc:  # tokenizers raises its own exception types
+            raise SoeError(f"{self.archive.path}: corrupted archive (the tokenizer does not load: "
+                           f"{str(exc).splitlines()[0][:120]})") from None
+        if vocab > self.config.model.vocab_size:
+            raise SoeError(f"{self.archive.path}: corrupted archive (tokenizer has {vocab} tokens, model "
+                           f"vocabulary {self.config.model.vocab_size})")
 
     # -- description -----------------------------------------------------------------------
     @property
@@ -348,22 +400,25 @@ class Soup:
                          dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, Tensor]]:
         """Yield (name, Θ[name]) one parameter at a time: the merge never holds the whole bank.
 
-        Each tensor is streamed from the memory-mapped archive in blocks whose pages are
-        released once used, so the resident memory stays near Θ's own size. Tensors read
-        for the first time are SHA-256-checked by a helper thread while the previous
-        parameter merges; a parameter is yielded only after its inputs passed the check.
+        Each tensor is streamed from the memory-mapped archive in blocks; with `low_memory`
+        their pages are released once used, so the resident memory stays near Θ's size.
+        Tensors read for the first time are SHA-256-checked by helper threads while
+        parameters merge; a parameter is yielded only after its inputs passed the check.
         """
         keep = list(keep)
         a_keep = a_keep.to(self.device, dtype)
         shapes = self.config.model.parameter_shapes()
         inputs = {name: self._input_names(name, keep) for name in shapes}
         pending = [x for names in inputs.values() for x in names if x not in self._verified]
-        pool = ThreadPoolExecutor(1, thread_name_prefix="soe-verify") if pending else None
+        pool = ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="soe-verify") if pending else None
+        # one conversion buffer for the whole merge (untouched, so free, when nothing needs converting)
+        scratch = torch.empty(MERGE_BLOCK_BYTES // torch.empty(0, dtype=dtype).element_size(), dtype=dtype,
+                              device=self.device)
         checks: dict[str, Future] = {x: pool.submit(self._verify, x) for x in pending} if pool else {}
         try:
             with torch.no_grad():
-                for name, shape in shapes.items():
-                    theta = self._merge(name, shape, a_keep, keep, dtype)
+                for name in shapes:
+                    theta = self._merge(name, a_keep, keep, dtype, scratch)
                     for x in inputs[name]:
                         if x in checks:
                             checks[x].result()  # re-raises a checksum mismatch
@@ -371,6 +426,7 @@ class Soup:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
+            self._release_pages().release_all()
 
     def _input_names(self, name: str, keep: Sequence[int]) -> list[str]:
         names = [f"shared.{name}"]
@@ -379,24 +435,29 @@ class Soup:
             names += [dense] if dense in self.archive else [f"{dense}.A", f"{dense}.B"]
         return names
 
-    def _merge(self, name: str, shape: tuple[int, ...], a_keep: Tensor, keep: list[int], dtype: torch.dtype) -> Tensor:
-        release = self._release_pages()
+    def _merge(self, name: str, a_keep: Tensor, keep: list[int], dtype: torch.dtype, scratch: Tensor) -> Tensor:
+        pages = self._release_pages()
         shared = self._view(f"shared.{name}")
-        if not keep:
-            theta = shared.to(self.device, dtype, copy=True)
-        elif f"experts.{name}" in self.archive:
+        if keep and f"experts.{name}" in self.archive:
             bank = self._view(f"experts.{name}")
-            return merge_dense(shared, bank, keep, a_keep, dtype=dtype, device=self.device, release=release)
-        else:  # low-rank factors are small: merge them whole
-            a, b = (_take(self._view(f"experts.{name}.{x}"), keep).to(self.device, dtype)
-                    for x in ("A", "B"))
-            theta = combine_parameter(shared.to(self.device, dtype), (a, b), a_keep).contiguous()
-        release(shared)
+            theta = merge_dense(shared, bank, keep, a_keep, dtype=dtype, device=self.device, release=pages,
+                                scratch=scratch)
+            if shared.numel() > block_width(len(keep), dtype):
+                return theta  # its pages were released block by block
+            read = [shared, bank[keep[0]:keep[-1] + 1]]
+        elif keep:  # low-rank factors are small: merge them whole
+            a, b = (_take(self._view(f"experts.{name}.{x}"), keep) for x in ("A", "B"))
+            factors = (a.to(self.device, dtype), b.to(self.device, dtype))
+            theta = combine_parameter(shared.to(self.device, dtype), factors, a_keep).contiguous()
+            read = [shared, a, b]
+        else:
+            theta, read = shared.to(self.device, dtype, copy=True), [shared]
+        pages.small(sum(t.numel() * t.element_size() for t in read))
         return theta
 
-    def _release_pages(self) -> Callable[[Tensor], None]:
+    def _release_pages(self) -> _MappedPages:
         if self._pages is None:
-            self._pages = _MappedPages(self.archive.path)
+            self._pages = _MappedPages(self.archive.path, enabled=self.low_memory and self.device.type == "cpu")
         return self._pages
 
     def _verify(self, name: str) -> None:
@@ -409,7 +470,10 @@ class Soup:
         digest = hashlib.sha256()
         for lo in range(0, raw.size, VERIFY_CHUNK_BYTES):
             digest.update(raw[lo:lo + VERIFY_CHUNK_BYTES])
-            release(raw_view[lo:lo + VERIFY_CHUNK_BYTES])
+            if raw.size > VERIFY_CHUNK_BYTES:
+                release(raw_view[lo:lo + VERIFY_CHUNK_BYTES])
+        if raw.size <= VERIFY_CHUNK_BYTES:
+            release.small(raw.size)
         if digest.hexdigest() != self.archive.metadata["checksums"][name]:
             raise ArchiveError(f"{self.archive.path}: corrupted archive (checksum mismatch in tensor {name!r})")
         self._verified.add(name)
@@ -458,11 +522,17 @@ def _take(bank: Tensor, idx: list[int]) -> Tensor:
     return bank[idx]
 
 
-def load(path: str | Path, device: str | torch.device | None = None) -> Soup:
-    """Open a `.soe` archive lazily on `device` ("cpu", "cuda", ...)."""
+def load(path: str | Path, device: str | torch.device | None = None, *, low_memory: bool | None = None) -> Soup:
+    """Open a `.soe` archive lazily on `device` ("cpu", "cuda", ...).
+
+    `low_memory=True` hands the archive's pages back to the OS as a merge streams through
+    them, so the resident memory of `instantiate` stays near the size of Θ instead of
+    growing to the size of the file; later merges then run about 2x slower. The default
+    (None) turns it on for archives larger than 1 GiB.
+    """
     if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
         raise SoeError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
-    return Soup(Archive(path), device)
+    return Soup(Archive(path), device, low_memory=low_memory)
 
 
 def write_soup(path: str | Path, tensors: Mapping[str, Tensor], config: SoupConfig, *,

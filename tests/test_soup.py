@@ -12,7 +12,7 @@ import torch
 import soe_sdk
 from soe_sdk.errors import SoeError
 from soe_sdk.model import forward
-from soe_sdk.soup import combine_parameter, merge_dense
+from soe_sdk.soup import block_width, combine_parameter, merge_dense
 
 from .conftest import write_tiny_soup
 
@@ -135,8 +135,13 @@ def test_blockwise_merge_equals_the_plain_merge(storage: torch.dtype, keep: list
         merged = merge_dense(shared, bank, keep, alpha, block_bytes=block_bytes, release=release)
         assert merged.dtype == torch.float32 and merged.shape == shared.shape
         torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-6)
-        # S and every kept expert were released once used
-        assert released[0].all() and released[1].view(5, -1)[keep].all()
+        scratch = torch.full((5 * shared.numel(),), float("nan"))  # a reused buffer's old contents never leak in
+        torch.testing.assert_close(merge_dense(shared, bank, keep, alpha, block_bytes=block_bytes, scratch=scratch),
+                                   expected, rtol=1e-5, atol=1e-6)
+        # a parameter spanning several blocks releases S and every kept expert once used
+        several = shared.numel() > block_width(len(keep), torch.float32, block_bytes)
+        assert bool(released[0].all()) == several
+        assert not keep or bool(released[1].view(5, -1)[keep].all()) == several
 
 
 def test_instantiate_matches_the_plain_merge_for_stored_half_precision(tmp_path: Path) -> None:
@@ -214,3 +219,32 @@ def _rss_file_kb() -> int:
         if line.startswith("RssFile:"):
             return int(line.split()[1])
     pytest.skip("no RssFile in /proc/self/status")
+
+
+def test_stopping_a_streamed_merge_early_leaves_no_helper_threads(tmp_path: Path) -> None:
+    import threading
+
+    path = tmp_path / "soup.soe"
+    write_tiny_soup(path, n=4)
+    soup = soe_sdk.load(path)
+    stream = soup.iter_instantiate(torch.ones(4), [0, 1, 2, 3])
+    name, first = next(stream)
+    assert name == "wte.weight" and first.shape == soup.model_config.parameter_shapes()[name]
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("soe-verify")]
+    # what was checked before stopping stays checked; the rest is checked on the next merge
+    full = soup.instantiate(torch.ones(4))
+    torch.testing.assert_close(full[name], first)
+
+
+def test_low_memory_merge_gives_the_same_model(tmp_path: Path) -> None:
+    path = tmp_path / "soup.soe"
+    write_tiny_soup(path, n=4, storage_dtype=torch.float16)
+    assert not soe_sdk.load(path).low_memory  # small archives keep their pages mapped by default
+    alpha = torch.tensor([0.5, 0.0, -1.5, 2.0])
+    lean, plain = soe_sdk.load(path, low_memory=True), soe_sdk.load(path, low_memory=False)
+    assert lean.low_memory
+    for _ in range(2):  # the second merge reads pages the first one handed back
+        expected, merged = plain.instantiate(alpha), lean.instantiate(alpha)
+        for name in expected:
+            assert torch.equal(merged[name], expected[name]), name
