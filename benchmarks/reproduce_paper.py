@@ -181,11 +181,12 @@ def write_table(results: dict, path: Path) -> None:
     wins = sum(x > 0 for x in gains_hard)
     lines += ["", f"Soup φ(h) beats generic on {wins}/{len(gains_hard)} sets; mean gain {np.mean(gains_hard):+.2%}.",
               f"Refined α gains a further {np.mean(gains_ref):+.2%} on average over φ(h)."]
-    lines += ["", "Loss vs number of train docs used to estimate h (soup φ(h), hard):", "",
-              "| set | " + " | ".join(str(c) for c in next(iter(results["sets"].values()))["docs_sweep"]) + " |",
-              "|---|" + "---|" * len(next(iter(results["sets"].values()))["docs_sweep"])]
+    counts = sorted({int(c) for r in results["sets"].values() for c in r["docs_sweep"]})
+    lines += ["", "Loss vs number of train docs used to estimate h (soup φ(h), hard; – = set has fewer docs):", "",
+              "| set | " + " | ".join(str(c) for c in counts) + " |", "|---|" + "---|" * len(counts)]
     for name, r in results["sets"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in r["docs_sweep"].values()) + " |")
+        sweep = {int(c): v for c, v in r["docs_sweep"].items()}
+        lines.append(f"| {name} | " + " | ".join(f"{sweep[c]:.3f}" if c in sweep else "–" for c in counts) + " |")
     lines += ["", "Fine-tuning (eval loss after fine-tuning on train docs with early stopping; budget in tokens):", "",
               "| set | model | " + " | ".join(str(b) for b in next(iter(results["sets"].values()))["finetune"]["soup"]) + " |",
               "|---|---|" + "---|" * len(next(iter(results["sets"].values()))["finetune"]["soup"])]
