@@ -35,16 +35,11 @@ HELD_OUT = [
 
 def random_specialist(config: ModelConfig, seed: int = 0) -> tuple[dict[str, torch.Tensor], ModelConfig, str]:
     """A randomly initialised (and perturbed) model with a BPE tokenizer trained on the held-out texts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     from soe_sdk.model import init_parameters
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=config.vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(HELD_OUT * 4, trainer)
+    from trainer.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(HELD_OUT * 4, config.vocab_size)
     gen = torch.Generator().manual_seed(seed)
     params = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in init_parameters(config, gen).items()}
     return params, config, tok.to_str()

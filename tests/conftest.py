@@ -18,17 +18,11 @@ TINY_MODEL = ModelConfig(vocab_size=300, max_seq_len=32, d_model=32, n_layers=2,
 
 def tiny_tokenizer_json(vocab_size: int = 300) -> str:
     """A real byte-level BPE tokenizer trained on a few sentences."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from trainer.tokenizer import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     text = ["the quick brown fox jumps over the lazy dog", "SELECT name FROM users WHERE id = 1",
             "def main(): return 0", "le fichier de configuration est lu au démarrage"] * 20
-    tok.train_from_iterator(text, trainer)
-    return tok.to_str()
+    return train_tokenizer(text, vocab_size).to_str()
 
 
 def make_soup_tensors(config: SoupConfig, seed: int = 0) -> dict[str, torch.Tensor]:

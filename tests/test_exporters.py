@@ -10,13 +10,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from exporters import FORMATS, export
 from exporters.runtime import OnnxSpecialist, mean_cross_entropy
 from soe_sdk.config import ModelConfig
 from soe_sdk.errors import ExportError
 from soe_sdk.model import forward, generate, init_parameters, next_token_loss
+from trainer.tokenizer import train_tokenizer
 
 CONFIG = ModelConfig(vocab_size=300, max_seq_len=64, d_model=32, n_layers=2, n_heads=2, d_mlp=64)
 SENTENCES = ["the quick brown fox jumps over the lazy dog", "a soup of experts makes small specialist models",
@@ -26,13 +27,7 @@ METADATA = {"name": "tiny-test", "domain_weights": [0.25, 0.75]}
 
 
 def _tokenizer_json() -> str:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=CONFIG.vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(SENTENCES * 10, trainer)
-    return tok.to_str()
+    return train_tokenizer(SENTENCES * 10, CONFIG.vocab_size).to_str()
 
 
 def _params() -> dict[str, torch.Tensor]:
