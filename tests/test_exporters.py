@@ -186,11 +186,17 @@ def test_smaller_onnx_variants_load_and_run(fmt, model, exported):
     while not generator.is_done():
         generator.generate_next_token()
     assert [int(t) for t in generator.get_sequence(0)][3:] == ours  # same graph, same greedy tokens
-    ops = {n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node}
-    if fmt == "onnx-int4":
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    ops = {n.op_type for n in graph.node}
+    if fmt in ("onnx-int8", "onnx-int4"):
         assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
-    if fmt == "onnx-int8":
-        assert "MatMulNBits" in ops
+        # the tied embedding is stored once: the lookup reads the output layer's quantized weights
+        head = next(n for n in graph.node if n.op_type == "MatMulNBits"
+                    and any(a.name == "N" and a.i == CONFIG.vocab_size for a in n.attribute))
+        lookup = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+        assert lookup.input[0] == head.input[1]
+        assert not any(i.dims[:1] == [CONFIG.vocab_size] and i.data_type == onnx.TensorProto.FLOAT
+                       and len(i.dims) == 2 and i.dims[1] == CONFIG.d_model for i in graph.initializer)
     sizes = (folder / "model.onnx").stat().st_size, (exported["onnx"] / "model.onnx").stat().st_size
     assert sizes[0] < sizes[1]
 

@@ -16,6 +16,15 @@ def _fail(exc: Exception) -> None:
     sys.exit(1)
 
 
+def _parse_clusters(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    parts = value.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"expected K1xK2 with positive integers (e.g. 4x4), got {value!r}")
+    return int(parts[0]), int(parts[1])
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Pretrain a Soup-of-Experts (paper Algorithms 1-2) and pack it into one .soe archive.
@@ -39,13 +48,19 @@ def main() -> None:
 @click.option("--specialist", "specialists", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="Folder with train.jsonl.gz and eval.jsonl.gz of one specialist set (repeatable).")
 @click.option("--max-docs", type=int, help="Use only the first N documents of the corpus.")
+@click.option("--clusters", callback=_parse_clusters,
+              help="Domains as K1xK2 (hierarchical k-means, k = K1·K2; K2 = 1 for flat k-means); overrides the preset.")
 @click.option("--device", help="Device for the embedder (cpu, cuda).")
 def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, eval_path: Path | None,
-            specialists: tuple[Path, ...], max_docs: int | None, device: str | None) -> None:
+            specialists: tuple[Path, ...], max_docs: int | None, clusters: tuple[int, int] | None,
+            device: str | None) -> None:
     """Tokenizer, domains (embed + hierarchical k-means), per-domain token shards, eval sets."""
     from .prepare import prepare as run_prepare
+    p = get_preset(preset)
+    if clusters:
+        p = p.replace(clusters=clusters)
     try:
-        summary = run_prepare(corpus, workdir, get_preset(preset), tokenizer_path=tokenizer, eval_path=eval_path,
+        summary = run_prepare(corpus, workdir, p, tokenizer_path=tokenizer, eval_path=eval_path,
                               specialist_dirs=specialists, embed_device=device, max_docs=max_docs)
     except SoeError as exc:
         _fail(exc)

@@ -30,6 +30,7 @@ SEED = 0
 TOKENIZER_SAMPLE_CHARS = 32_000_000  # BPE merges stabilise long before this; more only costs time
 SOFT_TEMPERATURE = 0.05
 TOP_DOMAINS = 5
+FINGERPRINT_BYTES = 1 << 20  # hashed at each end of every input file
 
 
 # ---------------------------------------------------------------- small helpers
@@ -44,14 +45,24 @@ def _digest(obj: Any) -> str:
 
 
 def _fingerprint(path: str | os.PathLike) -> list[list]:
-    """Names, sizes and mtimes of the files behind `path`: cheap change detection."""
+    """Relative names, sizes and a digest of the head and tail of the files behind `path`.
+
+    Content-based, so a corpus that is copied, moved or re-extracted (new mtimes) still reuses
+    finished stages; only the first and last MiB are hashed to keep it cheap on large corpora.
+    """
     path = Path(path)
     if not path.exists():
         raise SoeError(f"{path}: no such file or folder")
     out = []
     for f in corpus_files(path) if path.is_dir() else [path]:
-        st = f.stat()
-        out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+        size = f.stat().st_size
+        digest = hashlib.sha256()
+        with open(f, "rb") as fh:
+            digest.update(fh.read(FINGERPRINT_BYTES))
+            if size > 2 * FINGERPRINT_BYTES:
+                fh.seek(size - FINGERPRINT_BYTES)
+            digest.update(fh.read(FINGERPRINT_BYTES))
+        out.append([str(f.relative_to(path)) if path.is_dir() else f.name, size, digest.hexdigest()[:16]])
     return out
 
 
