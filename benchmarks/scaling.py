@@ -7,11 +7,15 @@ For each sharding (ddp, bank) and each n, runs a few optimizer steps under
   and while writing the checkpoint;
 - bytes handed to each collective per optimizer step (trainer.distributed.TRAFFIC);
 - the median step time.
-Predictions (float32, p parameters per model, R router parameters, N ranks):
-  ddp   memory 16·((n+1)·p + R) + 8·p bytes   traffic all-reduce 4·((n+1)·p + R) per step
-  bank  memory 16·(n+1)·p/N + 16·R + 8·p      traffic per micro-batch all-gather 4·p + reduce-scatter 4·p
-                                                       + all-reduce 4·n
-(the 8·p is the merged Θ and its gradient ∇Θ, full size on every rank).
+Predictions (float32, p parameters per model, q of them with dense experts, R router (+ low-rank
+factor) parameters, N ranks, M micro-batches per optimizer step):
+  ddp   memory 12·((n+1)·p + R) + 4·(p + R) + 4·M·q + 8·p
+        traffic all-reduce 4·(p + R), all-gather 4·M·(q + n) per step
+  bank  memory 12·(n+1)·p/N + 16·R + 4·(M+1)·p/N + 8·p
+        traffic per micro-batch all-gather 4·p + reduce-scatter 4·p + all-reduce 4·n
+(12 bytes per trainable number: value and two AdamW moments; 4·(p + R) the dense gradients;
+the expert gradient is kept as M pairs (α, ∇Θ) — 4·M·q, or 4·M·p/N for a bank slice; 8·p is
+the merged Θ and its gradient ∇Θ, full size on every rank).
 
     python benchmarks/scaling.py [--experts 2 8 32] [--nproc 2] [--steps 4] [--rank 8]
 
@@ -134,14 +138,16 @@ def predict(sharding: str, n: int, r: int, world: int) -> dict[str, float]:
     layout = SoupLayout.for_soup(SoupConfig(ModelConfig(**MODEL), RouterConfig(k=4, n=n, hidden=hidden), r))
     p = layout.shared.size
     router = 4 * hidden + hidden + hidden * n + n
-    trainable = p + n * layout.experts.size + layout.factors.size + router
+    q = layout.experts.size
+    dense_grads = p + layout.factors.size + router  # gradients held as full tensors
+    trainable = p + n * q + layout.factors.size + router
+    micro = world  # two micro-batches per step in both shardings (see main)
     if sharding == "ddp":
-        memory = 16 * trainable + 8 * p
-        traffic = {"all_reduce": 4 * trainable + 16}
+        memory = 12 * trainable + 4 * dense_grads + 4 * micro * q + 8 * p
+        traffic = {"all_reduce": 4 * dense_grads + 16, "all_gather": 4 * micro * (q + n)}
     else:
         pp = padded_size(p, world)
-        memory = 16 * (n + 1) * pp / world + 16 * router + 8 * p
-        micro = world
+        memory = 12 * (n + 1) * pp / world + 16 * router + 4 * (micro + 1) * pp / world + 8 * p
         traffic = {"all_gather": micro * 4 * pp, "reduce_scatter": micro * 4 * pp, "all_reduce": micro * 4 * n + 8 + 16}
     return {"p": p, "memory": memory, **{f"traffic_{k}": v for k, v in traffic.items()}}
 

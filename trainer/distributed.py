@@ -120,6 +120,15 @@ def reduce_scatter_flat(full: Tensor, ctx: DistContext) -> Tensor:
     return out
 
 
+def all_gather_rows(t: Tensor) -> Tensor:
+    """Stack every rank's rows ([rows, ...] each, same shape on all ranks) in rank order."""
+    t = t.contiguous()
+    out = torch.empty(t.shape[0] * dist.get_world_size(), *t.shape[1:], dtype=t.dtype, device=t.device)
+    dist.all_gather_into_tensor(out, t)
+    TRAFFIC.add("all_gather", out)
+    return out
+
+
 def all_reduce_sum(t: Tensor) -> Tensor:
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     TRAFFIC.add("all_reduce", t)

@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from . import distributed as dd
 from .evaluate import load_eval_sets, windows_loss
 from .layout import SoupLayout
-from .optim import lr_at
+from .optim import ExpertGrad, lr_at
 from .presets import Preset
 from .sampling import meta_distribution, sample_batch, usable_domains
 from .shards import DomainShards
@@ -165,8 +165,11 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
             losses.append(loss)
         grads = state.grad_dict()
         if ctx.active and not bank:
-            for g in grads.values():
-                dd.all_reduce_sum(g)
+            for name, g in grads.items():
+                if isinstance(g, ExpertGrad):  # every rank's (α, ∇Θ) pairs: world·M·q floats, not n·q
+                    g.gather(dd.all_gather_rows)
+                else:
+                    dd.all_reduce_sum(g)
         norm = _clip(grads, preset.grad_clip, state, bank)
         lr = lr_at(step, lr=preset.lr, warmup=preset.warmup_steps, total=total_steps, min_ratio=preset.min_lr_ratio)
         state.optimizer.step(grads, lr)
@@ -220,16 +223,19 @@ def _check_same_run(saved: dict[str, Any], config: SoupConfig, sharding: str, wo
                        f"{saved.get('world')} rank(s); resume with the same setting")
 
 
-def _clip(grads: dict[str, torch.Tensor], max_norm: float, state: SoupState, bank: bool) -> float:
+def _clip(grads: dict[str, torch.Tensor | ExpertGrad], max_norm: float, state: SoupState, bank: bool) -> float:
     sq = lambda t: float(torch.linalg.vector_norm(t)) ** 2 if t.numel() else 0.0  # noqa: E731
-    flat_sq = sq(grads["S"]) + sq(grads["E"])
+    flat_sq = sq(grads["S"]) + grads["E"].sq_norm()
     replicated_sq = sum(sq(v) for k, v in grads.items() if k not in ("S", "E"))  # router (and factors F)
     if bank:
         flat_sq = float(dd.all_reduce_sum(torch.tensor([flat_sq], dtype=torch.float64))[0])
     norm = math.sqrt(flat_sq + replicated_sq)
     if max_norm > 0 and norm > max_norm:
         for g in grads.values():
-            g.mul_(max_norm / (norm + 1e-6))
+            if isinstance(g, ExpertGrad):
+                g.scale *= max_norm / (norm + 1e-6)
+            else:
+                g.mul_(max_norm / (norm + 1e-6))
     return norm
 
 

@@ -1,13 +1,18 @@
 """AdamW over a handful of large flat tensors, and the warmup + cosine learning-rate schedule.
 
 torch.optim.AdamW cannot decay only a prefix of one flat tensor, and the soup keeps its
-parameters flat (soe_sdk/flat.py): so the decoupled weight decay is applied here to the
-matrix prefix, and the moment update runs through PyTorch's fused AdamW kernel (one pass
-over memory instead of one per arithmetic operation).
+parameters flat (soe_sdk/flat.py): so each tensor is updated as two views, the matrix prefix
+with decoupled weight decay and the rest without, both through PyTorch's fused AdamW kernel
+(one pass over memory instead of one per arithmetic operation).
+
+The expert bank's gradient is never materialised: it is Σ_m α_m ⊗ g_m over the step's
+micro-batches (`ExpertGrad`), and each expert's row is formed in a cache-sized buffer just
+before its update — saving an [n, p] buffer and three passes over it per step.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +25,56 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) ->
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class ExpertGrad:
+    """∇E = Σ_m α_m ⊗ g_m: one (α [n], ∇Θ [q]) pair per micro-batch, kept instead of the [n, q] sum."""
+
+    alphas: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    scale: float = 1.0
+
+    def add(self, alpha: Tensor, grad: Tensor) -> None:
+        self.alphas.append(alpha.detach().reshape(-1))
+        self.grads.append(grad.detach().reshape(-1))
+
+    def clear(self) -> None:
+        self.alphas.clear()
+        self.grads.clear()
+        self.scale = 1.0
+
+    def gather(self, all_gather_rows: Callable[[Tensor], Tensor]) -> None:
+        """Replace the pairs by every rank's pairs (data-parallel ranks hold different micro-batches)."""
+        if self.grads:
+            self.alphas = list(all_gather_rows(torch.stack(self.alphas)).unbind(0))
+            self.grads = list(all_gather_rows(torch.stack(self.grads)).unbind(0))
+
+    def stacked(self) -> tuple[Tensor, Tensor]:
+        """(A [M, n] including the scale, G [M, q])."""
+        return torch.stack(self.alphas) * self.scale, torch.stack(self.grads)
+
+    def sq_norm(self) -> float:
+        """‖∇E‖² = Σ_j A[:, j]ᵀ (G Gᵀ) A[:, j], from the M × M Gram matrix of the micro-batch gradients."""
+        if not self.grads:
+            return 0.0
+        a, g = self.stacked()
+        gram = (g @ g.T).double()
+        return float((a.double() * (gram @ a.double())).sum())
+
+    def row(self, j: int, out: Tensor) -> Tensor:
+        """∇E_j = Σ_m A[m, j] g_m, written into `out`."""
+        a, g = self.stacked()
+        if a.shape[0] == 1:
+            return torch.mul(g[0], a[0, j], out=out)
+        return torch.mv(g.T, a[:, j], out=out)
+
+    def dense(self, n: int, q: int) -> Tensor:
+        """The materialised [n, q] gradient (for tests and inspection)."""
+        if not self.grads:
+            return torch.zeros(n, q)
+        a, g = self.stacked()
+        return a.T @ g
 
 
 @dataclass
@@ -41,17 +96,32 @@ class FlatAdamW:
             self.exp_avg_sq.setdefault(name, torch.zeros_like(p))
 
     @torch.no_grad()
-    def step(self, grads: dict[str, Tensor], lr: float) -> None:
-        """One AdamW update: decay the matrix prefix, then PyTorch's fused Adam kernel (one pass)."""
+    def step(self, grads: dict[str, Tensor | ExpertGrad], lr: float) -> None:
+        """One AdamW update; an `ExpertGrad` is applied one expert row at a time."""
         self.step_count += 1
-        b1, b2 = self.betas
+        step = torch.tensor(float(self.step_count))
         for name, p in self.params.items():
-            end = self.decay_end.get(name, 0)
-            if self.weight_decay and end:
-                p[..., :end].mul_(1 - lr * self.weight_decay)
-            step = torch.tensor(float(self.step_count), device=p.device)
-            torch._fused_adamw_([p], [grads[name]], [self.exp_avg[name]], [self.exp_avg_sq[name]], [], [step],
-                                lr=lr, beta1=b1, beta2=b2, weight_decay=0.0, eps=self.eps, amsgrad=False,
+            grad, end = grads[name], self.decay_end.get(name, 0)
+            m, v = self.exp_avg[name], self.exp_avg_sq[name]
+            if isinstance(grad, ExpertGrad):
+                buffer = torch.empty(p.shape[-1], dtype=p.dtype, device=p.device)
+                for j in range(p.shape[0]):
+                    self._update(p[j], grad.row(j, buffer), m[j], v[j], end, lr, step)
+            else:
+                self._update(p, grad, m, v, end, lr, step)
+
+    def _update(self, p: Tensor, grad: Tensor, m: Tensor, v: Tensor, end: int, lr: float, step: Tensor) -> None:
+        if p.dim() > 1 and 0 < end < p.shape[-1]:  # prefix views of rows are only contiguous one row at a time
+            for row in zip(p.flatten(0, -2), grad.flatten(0, -2), m.flatten(0, -2), v.flatten(0, -2)):
+                self._update(*row, end, lr, step)
+            return
+        b1, b2 = self.betas
+        step = step.to(p.device)
+        for sl, decay in ((slice(0, end), self.weight_decay), (slice(end, None), 0.0)):
+            if p[..., sl].numel() == 0:
+                continue
+            torch._fused_adamw_([p[..., sl]], [grad[..., sl]], [m[..., sl]], [v[..., sl]], [], [step],
+                                lr=lr, beta1=b1, beta2=b2, weight_decay=decay, eps=self.eps, amsgrad=False,
                                 maximize=False)
 
     def state_tensors(self) -> dict[str, Tensor]:

@@ -3,7 +3,7 @@
 `SoupState.micro_step` is paper Algorithm 2's body for one micro-batch: α = φ(h),
 Θ = S + Σ_j α_j E_j, one forward/backward through the merged model, and the soup gradients
 recovered from g = ∇Θ. For dense experts that is closed form (soe_sdk/flat.py):
-∇S += g, ∇E += α gᵀ, ∂ℓ/∂α = E g. For low-rank experts (trainer/layout.py) the prefix
+∇S += g, ∇E += α gᵀ (kept as the pair (α, g), see trainer.optim.ExpertGrad), ∂ℓ/∂α = E g. For low-rank experts (trainer/layout.py) the prefix
 Θ[:q] is backpropagated against g[:q] with autograd, into A, B and α. A state may hold only
 a slice [lo, hi) of S and E: that is how bank sharding splits a dense soup across ranks.
 """
@@ -22,7 +22,7 @@ from soe_sdk.model import next_token_loss
 from soe_sdk.soup import ROUTER_NAMES, init_soup, router_forward
 
 from .layout import SoupLayout
-from .optim import FlatAdamW
+from .optim import ExpertGrad, FlatAdamW
 
 
 class SoupState:
@@ -39,7 +39,8 @@ class SoupState:
         self.e0 = max(self.lo, layout.start) - self.lo  # first column of this slice that has dense experts
         self.factors = factors.requires_grad_(True) if layout.lowrank else None
         self.router = {k: v.requires_grad_(True) for k, v in router.items()}
-        self.grads = {"S": torch.zeros_like(shared), "E": torch.zeros_like(experts)}
+        self.grad_shared = torch.zeros_like(shared)
+        self.grad_experts = ExpertGrad()
         decay_end = layout.shared.decay_end
         params = {"S": shared, "E": experts}
         decay = {"S": max(0, min(decay_end, self.hi) - self.lo),
@@ -78,8 +79,8 @@ class SoupState:
         return self.config.router.n
 
     def zero_grad(self) -> None:
-        for g in self.grads.values():
-            g.zero_()
+        self.grad_shared.zero_()
+        self.grad_experts.clear()
         for p in self._autograd_params():
             p.grad = None
 
@@ -103,11 +104,11 @@ class SoupState:
 
     def accumulate(self, alpha: Tensor, g_slice: Tensor) -> Tensor:
         """Add ∇S += g, ∇E += α gᵀ for this slice; return the dense experts' share of ∂ℓ/∂α = E g."""
-        self.grads["S"].add_(g_slice)
+        self.grad_shared.add_(g_slice)
         if self.n == 0:
             return torch.zeros(0, device=g_slice.device)
         g_dense = g_slice[self.e0:]
-        self.grads["E"].addr_(alpha.detach(), g_dense)
+        self.grad_experts.add(alpha, g_dense)
         return self.experts @ g_dense
 
     def micro_step(self, h: Tensor, tokens: Tensor, scale: float,
@@ -143,8 +144,8 @@ class SoupState:
             torch.autograd.backward(roots, root_grads)
         return float(loss.detach())
 
-    def grad_dict(self) -> dict[str, Tensor]:
-        grads = {"S": self.grads["S"], "E": self.grads["E"]}
+    def grad_dict(self) -> dict[str, Tensor | ExpertGrad]:
+        grads: dict[str, Tensor | ExpertGrad] = {"S": self.grad_shared, "E": self.grad_experts}
         for name, p in self.optimizer.params.items():
             if name not in grads:
                 grads[name] = p.grad if p.grad is not None else torch.zeros_like(p)

@@ -1,0 +1,51 @@
+"""The factored expert gradient and the flat AdamW: the same update as the materialised gradient."""
+from __future__ import annotations
+
+import torch
+
+from trainer.optim import ExpertGrad, FlatAdamW
+
+
+def _pairs(m: int, n: int, q: int, seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=gen) for _ in range(m)], [torch.randn(q, generator=gen) for _ in range(m)]
+
+
+def test_expert_grad_rows_and_norm_equal_the_materialised_sum() -> None:
+    for m in (1, 3):
+        alphas, grads = _pairs(m, n=5, q=37, seed=m)
+        expected = sum(torch.outer(a, g) for a, g in zip(alphas, grads))
+        eg = ExpertGrad()
+        for a, g in zip(alphas, grads):
+            eg.add(a, g)
+        eg.scale = 0.25
+        expected = expected * 0.25
+        torch.testing.assert_close(eg.dense(5, 37), expected)
+        buffer = torch.empty(37)
+        for j in range(5):
+            torch.testing.assert_close(eg.row(j, buffer), expected[j])
+        assert abs(eg.sq_norm() - float(expected.double().pow(2).sum())) < 1e-6 * float(expected.pow(2).sum())
+
+
+def test_adamw_step_with_a_factored_gradient_equals_the_dense_step() -> None:
+    n, q, end = 4, 50, 30
+    alphas, grads = _pairs(2, n, q, seed=7)
+    eg = ExpertGrad()
+    for a, g in zip(alphas, grads):
+        eg.add(a, g)
+    start = torch.randn(n, q, generator=torch.Generator().manual_seed(1))
+    factored = FlatAdamW({"E": start.clone()}, {"E": end}, weight_decay=0.1)
+    dense = FlatAdamW({"E": start.clone()}, {"E": end}, weight_decay=0.1)
+    for lr in (1e-2, 5e-3):
+        factored.step({"E": eg}, lr)
+        dense.step({"E": eg.dense(n, q)}, lr)
+    torch.testing.assert_close(factored.params["E"], dense.params["E"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(factored.exp_avg_sq["E"], dense.exp_avg_sq["E"], rtol=1e-5, atol=1e-12)
+    # decoupled decay only on the prefix: with a zero gradient the suffix does not move
+    zero = ExpertGrad()
+    zero.add(torch.zeros(n), torch.zeros(q))
+    before = factored.params["E"].clone()
+    fresh = FlatAdamW({"E": before.clone()}, {"E": end}, weight_decay=0.5)
+    fresh.step({"E": zero}, 0.1)
+    torch.testing.assert_close(fresh.params["E"][:, :end], before[:, :end] * (1 - 0.1 * 0.5))
+    torch.testing.assert_close(fresh.params["E"][:, end:], before[:, end:])
