@@ -187,6 +187,11 @@ def write_table(results: dict, path: Path) -> None:
     for name, r in results["sets"].items():
         sweep = {int(c): v for c, v in r["docs_sweep"].items()}
         lines.append(f"| {name} | " + " | ".join(f"{sweep[c]:.3f}" if c in sweep else "–" for c in counts) + " |")
+    gaps = {name: abs(sw[100] - sw[max(sw)]) / sw[max(sw)] for name, r in results["sets"].items()
+            for sw in [{int(c): v for c, v in r["docs_sweep"].items()}] if 100 in sw}
+    if gaps:
+        lines += ["", "h from 100 docs vs from all docs (1000, or the set's size when smaller): largest gap "
+                  f"{max(gaps.values()):.2%} ({max(gaps, key=gaps.get)}), mean {np.mean(list(gaps.values())):.2%}."]
     lines += ["", "Fine-tuning (eval loss after fine-tuning on train docs with early stopping; budget in tokens):", "",
               "| set | model | " + " | ".join(str(b) for b in next(iter(results["sets"].values()))["finetune"]["soup"]) + " |",
               "|---|---|" + "---|" * len(next(iter(results["sets"].values()))["finetune"]["soup"])]

@@ -135,12 +135,15 @@ def _export_with_report(spec, fmt: str, out: Path) -> None:
 @click.option("--finetune-tokens", type=int, help="Then fine-tune all parameters on up to N tokens of the documents.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where to embed, merge and refine (default: cpu).")
 @click.option("--max-docs", type=int, help="Use at most N chunks of the documents.")
+@click.option("--max-embedded-chunks", default=256, show_default=True, type=int,
+              help="Estimate the domain weights h from at most N random chunks (0: all of them).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--assignment", default="hard", show_default=True, type=click.Choice(["hard", "soft"]),
               help="Nearest centroid per chunk (paper Algorithm 3) or a softmax over distances.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def export_main(docs: Path, fmt: str, out: Path, soups: tuple[Path, ...], refine: bool, finetune_tokens: int | None,
-                device: str | None, max_docs: int | None, seed: int, assignment: str, quiet: bool) -> None:
+                device: str | None, max_docs: int | None, max_embedded_chunks: int, seed: int, assignment: str,
+                quiet: bool) -> None:
     """Build a specialist model for your documents from a Soup-of-Experts and export it."""
     from exporters import FORMATS
 
@@ -157,7 +160,8 @@ def export_main(docs: Path, fmt: str, out: Path, soups: tuple[Path, ...], refine
     try:
         soup = list(soups) if len(soups) > 1 else (soups[0] if soups else None)
         spec = specialize(docs, soup=soup, refine=refine, device=device, max_docs=max_docs, seed=seed,
-                          finetune=finetune_tokens, assignment=assignment, progress=not quiet)
+                          finetune=finetune_tokens, assignment=assignment,
+                          max_embedded_chunks=max_embedded_chunks or None, progress=not quiet)
         _export_with_report(spec, fmt, out)
     except SoeError as exc:
         _fail(exc)

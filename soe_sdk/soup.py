@@ -51,28 +51,34 @@ def is_low_rank(config: SoupConfig, shape: Sequence[int]) -> bool:
     return config.expert_rank > 0 and len(shape) == 2 and config.expert_rank < min(shape)
 
 
-def init_soup(config: SoupConfig, seed: int = 0) -> dict[str, Tensor]:
-    """Fresh soup tensors under their archive names (see the module docstring)."""
+def iter_init_soup(config: SoupConfig, seed: int = 0) -> Iterator[tuple[str, Tensor]]:
+    """Fresh soup tensors under their archive names, one at a time (see the module docstring).
+
+    Streaming lets a caller keep only part of each tensor (a bank-sharded trainer rank keeps
+    its slice), so the whole soup never has to exist in one process."""
     gen = torch.Generator().manual_seed(seed)
     n, r = config.router.n, config.expert_rank
-    tensors: dict[str, Tensor] = {}
     for name, value in init_parameters(config.model, gen).items():
-        tensors[f"shared.{name}"] = value
+        yield f"shared.{name}", value
     if n > 0:
         for name, shape in config.model.parameter_shapes().items():
             if is_low_rank(config, shape):
-                tensors[f"experts.{name}.A"] = torch.randn((n, shape[0], r), generator=gen) * (0.02 / math.sqrt(r))
-                tensors[f"experts.{name}.B"] = torch.zeros((n, shape[1], r))
+                yield f"experts.{name}.A", torch.randn((n, shape[0], r), generator=gen) * (0.02 / math.sqrt(r))
+                yield f"experts.{name}.B", torch.zeros((n, shape[1], r))
             elif len(shape) == 2:
-                tensors[f"experts.{name}"] = torch.randn((n, *shape), generator=gen) * (0.02 / math.sqrt(n))
+                yield f"experts.{name}", torch.randn((n, *shape), generator=gen) * (0.02 / math.sqrt(n))
             else:
-                tensors[f"experts.{name}"] = torch.zeros((n, *shape))
+                yield f"experts.{name}", torch.zeros((n, *shape))
     k, hidden = config.router.k, config.router.hidden
     for prefix, fan_in, fan_out in (("router.fc1", k, hidden), ("router.fc2", hidden, max(n, 0))):
         bound = 1.0 / math.sqrt(fan_in)
-        tensors[f"{prefix}.weight"] = (torch.rand((fan_out, fan_in), generator=gen) * 2 - 1) * bound
-        tensors[f"{prefix}.bias"] = (torch.rand((fan_out,), generator=gen) * 2 - 1) * bound
-    return tensors
+        yield f"{prefix}.weight", (torch.rand((fan_out, fan_in), generator=gen) * 2 - 1) * bound
+        yield f"{prefix}.bias", (torch.rand((fan_out,), generator=gen) * 2 - 1) * bound
+
+
+def init_soup(config: SoupConfig, seed: int = 0) -> dict[str, Tensor]:
+    """Fresh soup tensors under their archive names (see the module docstring)."""
+    return dict(iter_init_soup(config, seed))
 
 
 def router_forward(router: Mapping[str, Tensor], h: Tensor) -> Tensor:

@@ -149,3 +149,16 @@ def test_several_archives_the_documents_pick_the_best(soup_path: Path, tmp_path:
     scores = spec.losses["candidates"]
     assert set(scores) == {soup_path.name, other.name}
     assert spec.soup_name == min(scores, key=scores.get)
+
+
+def test_h_is_estimated_from_a_seeded_sample_of_the_chunks(soup_path: Path) -> None:
+    texts = [f"Document number {i}: the firewall blocks packets on port {i}." for i in range(40)]
+    full = specialize(texts, soup=soup_path, max_embedded_chunks=None)
+    sampled = specialize(texts, soup=soup_path, max_embedded_chunks=10, seed=3)
+    again = specialize(texts, soup=soup_path, max_embedded_chunks=10, seed=3)
+    assert full.documents["embedded_chunks"] == full.documents["train_chunks"] > 10
+    assert sampled.documents["embedded_chunks"] == 10
+    np.testing.assert_array_equal(sampled.domain_weights, again.domain_weights)
+    assert abs(sampled.domain_weights.sum() - 1) < 1e-9
+    with pytest.raises(SoeError, match="max_embedded_chunks"):
+        specialize(texts, soup=soup_path, max_embedded_chunks=0)

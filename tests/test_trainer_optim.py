@@ -49,3 +49,23 @@ def test_adamw_step_with_a_factored_gradient_equals_the_dense_step() -> None:
     fresh.step({"E": zero}, 0.1)
     torch.testing.assert_close(fresh.params["E"][:, :end], before[:, :end] * (1 - 0.1 * 0.5))
     torch.testing.assert_close(fresh.params["E"][:, end:], before[:, end:])
+
+
+def test_bank_sharded_init_equals_the_slices_of_the_full_soup() -> None:
+    from soe_sdk.config import ModelConfig, RouterConfig, SoupConfig
+    from trainer.distributed import padded_size
+    from trainer.state import SoupState
+
+    config = SoupConfig(ModelConfig(vocab_size=300, max_seq_len=32, d_model=32, n_layers=2, n_heads=2, d_mlp=64),
+                        RouterConfig(k=4, n=3, hidden=8))
+    full = SoupState.fresh(config, 11, torch.device("cpu"))
+    p = full.shared.numel()
+    size = padded_size(p, 3)
+    pad = lambda t: torch.nn.functional.pad(t, (0, size - p))  # noqa: E731
+    for rank in range(3):
+        lo, hi = rank * size // 3, (rank + 1) * size // 3
+        part = SoupState.fresh(config, 11, torch.device("cpu"), shard=(lo, hi, size))
+        assert torch.equal(part.shared, pad(full.shared)[lo:hi])
+        assert torch.equal(part.experts, pad(full.experts)[:, lo:hi])
+        for name, value in full.router.items():
+            assert torch.equal(part.router[name], value)

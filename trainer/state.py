@@ -13,13 +13,12 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from soe_sdk.config import SoupConfig
 from soe_sdk.errors import SoeError
 from soe_sdk.model import next_token_loss
-from soe_sdk.soup import ROUTER_NAMES, init_soup, router_forward
+from soe_sdk.soup import ROUTER_NAMES, init_soup, iter_init_soup, router_forward
 
 from .layout import SoupLayout
 from .optim import ExpertGrad, FlatAdamW
@@ -56,23 +55,38 @@ class SoupState:
     def fresh(cls, config: SoupConfig, seed: int, device: torch.device,
               shard: tuple[int, int, int] | None = None, **kwargs) -> "SoupState":
         """A freshly initialised soup; `shard=(lo, hi, padded_p)` keeps only that slice of S and E."""
-        tensors = init_soup(config, seed)
         layout = SoupLayout.for_soup(config)
         n = config.router.n
-        shared = layout.shared.flatten(tensors, "shared.")
-        experts = layout.experts.flatten(tensors, "experts.", (n,)) if n else torch.zeros(0, layout.experts.size)
-        factors = layout.factors.flatten(tensors, "experts.").to(device) if layout.lowrank else None
-        router = {k: tensors.pop(k).float().to(device) for k in ROUTER_NAMES}
-        del tensors
-        bounds = {}
-        if shard is not None:
-            lo, hi, size = shard
-            # Slice before the optimizer exists: a rank never holds moments for the whole bank.
-            shared = F.pad(shared, (0, size - shared.shape[-1]))[lo:hi].clone()
-            experts = F.pad(experts, (0, size - experts.shape[-1]))[:, lo:hi].clone()
-            bounds = {"lo": lo, "hi": hi}
-        return cls(config, layout, shared.to(device), experts.to(device), router, factors=factors,
-                   **bounds, **kwargs)
+        if shard is None:
+            tensors = init_soup(config, seed)
+            shared = layout.shared.flatten(tensors, "shared.")
+            experts = layout.experts.flatten(tensors, "experts.", (n,)) if n else torch.zeros(0, layout.experts.size)
+            factors = layout.factors.flatten(tensors, "experts.").to(device) if layout.lowrank else None
+            router = {k: tensors.pop(k).float().to(device) for k in ROUTER_NAMES}
+            del tensors
+            return cls(config, layout, shared.to(device), experts.to(device), router, factors=factors, **kwargs)
+        if layout.lowrank:
+            raise SoeError("low-rank experts cannot be bank-sharded; use --sharding ddp")
+        # Slice while initialising, one parameter's bank at a time: a rank never holds the whole
+        # soup (the padding past p stays zero, like the padded all-gather expects).
+        lo, hi, _ = shard
+        shared, experts, router = torch.zeros(hi - lo), torch.zeros(n, hi - lo), {}
+        spans = {name: (offset, int(torch.Size(shape).numel()))
+                 for name, shape, offset in zip(layout.shared.names, layout.shared.shapes, layout.shared.offsets)}
+        for key, value in iter_init_soup(config, seed):
+            group, _, name = key.partition(".")
+            if group == "router":
+                router[key] = value.float().to(device)
+                continue
+            offset, size = spans[name]
+            a, b = max(lo, offset), min(hi, offset + size)
+            if a >= b:
+                continue
+            if group == "shared":
+                shared[a - lo:b - lo] = value.reshape(-1)[a - offset:b - offset]
+            else:
+                experts[:, a - lo:b - lo] = value.reshape(n, -1)[:, a - offset:b - offset]
+        return cls(config, layout, shared.to(device), experts.to(device), router, lo=lo, hi=hi, **kwargs)
 
     @property
     def n(self) -> int:
