@@ -78,7 +78,9 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
 @click.option("--sharding", default="ddp", type=click.Choice(["ddp", "bank"]), show_default=True,
               help="Under torchrun: replicate the soup (ddp) or split the expert bank across ranks (bank).")
 @click.option("--baseline", help="Train a baseline instead of a soup: generic, crisp:SET or domain:CLUSTER.")
-@click.option("--run", "run_name", help="Run name (folder under WORKDIR/runs); default soup or the baseline's name.")
+@click.option("--run-name", "--run", "run_name",
+              help="Run name (folder under WORKDIR/runs); default soup or the baseline's name. Under torchrun "
+                   "spell it --run-name (torchrun reads --run as an abbreviation of its own --run-path).")
 @click.option("--device", help="cpu or cuda (default: cuda if available).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="Autocast precision (default bf16 on GPU, fp32 on CPU).")
 @click.option("--lr", type=float, help="Peak learning rate (overrides the preset).")
@@ -120,7 +122,7 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
 @main.command()
 @click.argument("workdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Archive to write (FILE.soe).")
-@click.option("--run", "run_name", default="soup", show_default=True, help="Which run to pack.")
+@click.option("--run-name", "--run", "run_name", default="soup", show_default=True, help="Which run to pack.")
 def pack(workdir: Path, out: Path, run_name: str) -> None:
     """Pack a run's latest checkpoint, centroids, tokenizer and provenance into one .soe file."""
     from .pack import pack as run_pack
