@@ -11,8 +11,7 @@ Initialisation (`init_soup`):
   the scale of one GPT-2 weight times the RMS of α, and the LayerNorm gains start at S's.
 - E_j, low-rank (rank r): every matrix W_j = A_j B_jᵀ with A_j ~ N(0, 0.02/√r), B_j = 0 (as in
   LoRA), so Θ = S at step 0 while every factor still receives a gradient.
-- φ: biases and the second layer's weights uniform ±1/√fan_in (PyTorch's Linear default); the
-  first layer's weights uniform ±1, because its input is a histogram whose entries sum to 1.
+- φ: PyTorch's default Linear init (uniform ±1/√fan_in) for both layers.
 
 Storage in an archive: `shared.<param>` ([*shape]), `experts.<param>` ([n, *shape]) or, for
 low-rank matrices, `experts.<param>.A` ([n, out, r]) and `experts.<param>.B` ([n, in, r]);
@@ -44,7 +43,6 @@ ROUTER_NAMES = ("router.fc1.weight", "router.fc1.bias", "router.fc2.weight", "ro
 MERGE_BLOCK_BYTES = 8 << 20  # working set of one block of a dense merge (about a CPU's last-level cache)
 VERIFY_CHUNK_BYTES = 4 << 20  # bytes hashed between two releases of a tensor's pages
 LOW_MEMORY_ABOVE_BYTES = 1 << 30  # default for `low_memory`: release the pages of archives above this size
-ROUTER_FC1_BOUND = 1.0  # init range of the router's first weights (see iter_init_soup)
 VERIFY_THREADS = max(1, min(2, os.cpu_count() or 1))  # SHA-256 is compute-bound: hash two tensors at once
 
 
@@ -72,13 +70,10 @@ def iter_init_soup(config: SoupConfig, seed: int = 0) -> Iterator[tuple[str, Ten
             else:
                 yield f"experts.{name}", torch.zeros((n, *shape))
     k, hidden = config.router.k, config.router.hidden
-    # fc1 reads a histogram (entries sum to 1), not k unit-scale features: its weights start at
-    # U(±1) so that different h give different hidden activations from step 0 (PyTorch's ±1/√k
-    # made α nearly independent of h, and the trained demo soup kept it so).
-    for prefix, fan_in, fan_out, w_bound in (("router.fc1", k, hidden, ROUTER_FC1_BOUND),
-                                             ("router.fc2", hidden, max(n, 0), 1.0 / math.sqrt(hidden))):
-        yield f"{prefix}.weight", (torch.rand((fan_out, fan_in), generator=gen) * 2 - 1) * w_bound
-        yield f"{prefix}.bias", (torch.rand((fan_out,), generator=gen) * 2 - 1) / math.sqrt(fan_in)
+    for prefix, fan_in, fan_out in (("router.fc1", k, hidden), ("router.fc2", hidden, max(n, 0))):
+        bound = 1.0 / math.sqrt(fan_in)
+        yield f"{prefix}.weight", (torch.rand((fan_out, fan_in), generator=gen) * 2 - 1) * bound
+        yield f"{prefix}.bias", (torch.rand((fan_out,), generator=gen) * 2 - 1) * bound
 
 
 def init_soup(config: SoupConfig, seed: int = 0) -> dict[str, Tensor]:
