@@ -69,3 +69,16 @@ def test_bank_sharded_init_equals_the_slices_of_the_full_soup() -> None:
         assert torch.equal(part.experts, pad(full.experts)[:, lo:hi])
         for name, value in full.router.items():
             assert torch.equal(part.router[name], value)
+
+
+def test_per_parameter_learning_rate_scales() -> None:
+    start = torch.randn(10, generator=torch.Generator().manual_seed(2))
+    grad = torch.ones(10)
+    moves = {}
+    for scale in (0.0, 1.0, 10.0):
+        opt = FlatAdamW({"E": start.clone(), "S": start.clone()}, {}, weight_decay=0.0, lr_scale={"E": scale})
+        opt.step({"E": grad, "S": grad}, 1e-3)
+        moves[scale] = float((start - opt.params["E"]).abs().max())
+        torch.testing.assert_close(opt.params["S"], start - 1e-3, rtol=0, atol=1e-6)  # unscaled
+    assert moves[0.0] == 0.0
+    assert abs(moves[10.0] - 10 * moves[1.0]) < 1e-6

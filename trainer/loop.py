@@ -106,7 +106,8 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
 
     shard = (*dd.slice_bounds(layout.size, ctx), dd.padded_size(layout.size, ctx.world)) if bank else None
     state = SoupState.fresh(config, seed, ctx.device, shard=shard, betas=(preset.beta1, preset.beta2),
-                            weight_decay=preset.weight_decay)
+                            weight_decay=preset.weight_decay, expert_lr_scale=preset.expert_lr_scale,
+                            router_lr_scale=preset.router_lr_scale)
 
     start = 0
     resumed = ckpt.latest_step(ckpt_dir)
@@ -119,6 +120,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                 "max_steps": total_steps, "support_size": preset.support_size, "fixed_h": spec.fixed_h is not None,
                 "batch_size": preset.batch_size, "grad_accum": preset.grad_accum, "seq_len": preset.model.max_seq_len,
                 "world": ctx.world, "sharding": sharding if bank else "ddp", "lr": preset.lr,
+                "expert_lr_scale": preset.expert_lr_scale, "router_lr_scale": preset.router_lr_scale,
                 "storage_dtype": preset.storage_dtype}
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

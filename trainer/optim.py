@@ -86,6 +86,7 @@ class FlatAdamW:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
+    lr_scale: dict[str, float] = field(default_factory=dict)  # per parameter name; 1.0 when absent
     step_count: int = 0
     exp_avg: dict[str, Tensor] = field(default_factory=dict)
     exp_avg_sq: dict[str, Tensor] = field(default_factory=dict)
@@ -102,13 +103,14 @@ class FlatAdamW:
         step = torch.tensor(float(self.step_count))
         for name, p in self.params.items():
             grad, end = grads[name], self.decay_end.get(name, 0)
+            lr_p = lr * self.lr_scale.get(name, 1.0)
             m, v = self.exp_avg[name], self.exp_avg_sq[name]
             if isinstance(grad, ExpertGrad):
                 buffer = torch.empty(p.shape[-1], dtype=p.dtype, device=p.device)
                 for j in range(p.shape[0]):
-                    self._update(p[j], grad.row(j, buffer), m[j], v[j], end, lr, step)
+                    self._update(p[j], grad.row(j, buffer), m[j], v[j], end, lr_p, step)
             else:
-                self._update(p, grad, m, v, end, lr, step)
+                self._update(p, grad, m, v, end, lr_p, step)
 
     def _update(self, p: Tensor, grad: Tensor, m: Tensor, v: Tensor, end: int, lr: float, step: Tensor) -> None:
         if p.dim() > 1 and 0 < end < p.shape[-1]:  # prefix views of rows are only contiguous one row at a time

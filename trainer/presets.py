@@ -31,6 +31,8 @@ class Preset:
     grad_accum: int = 1  # micro-batches (each with its own h) per optimizer step
     max_steps: int = 200
     lr: float = 1e-3
+    expert_lr_scale: float = 1.0  # experts (and low-rank factors) learn at lr × this
+    router_lr_scale: float = 1.0  # the router φ learns at lr × this
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     weight_decay: float = 0.1

@@ -29,7 +29,8 @@ class SoupState:
 
     def __init__(self, config: SoupConfig, layout: SoupLayout, shared: Tensor, experts: Tensor,
                  router: dict[str, Tensor], *, factors: Tensor | None = None, lo: int = 0, hi: int | None = None,
-                 betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.1) -> None:
+                 betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.1,
+                 expert_lr_scale: float = 1.0, router_lr_scale: float = 1.0) -> None:
         self.config, self.layout = config, layout
         self.lo, self.hi = lo, layout.shared.size if hi is None else hi
         if layout.lowrank and (self.lo, self.hi) != (0, layout.shared.size):
@@ -49,7 +50,8 @@ class SoupState:
         if self.n:
             params.update(self.router)
             decay.update({k: (v.shape[-1] if k.endswith("weight") else 0) for k, v in self.router.items()})
-        self.optimizer = FlatAdamW(params, decay, betas=betas, weight_decay=weight_decay)
+        scales = {"E": expert_lr_scale, "F": expert_lr_scale, **{k: router_lr_scale for k in self.router}}
+        self.optimizer = FlatAdamW(params, decay, betas=betas, weight_decay=weight_decay, lr_scale=scales)
 
     @classmethod
     def fresh(cls, config: SoupConfig, seed: int, device: torch.device,
