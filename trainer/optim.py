@@ -12,7 +12,7 @@ before its update — saving an [n, p] buffer and three passes over it per step.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -62,12 +62,13 @@ class ExpertGrad:
         gram = (g @ g.T).double()
         return float((a.double() * (gram @ a.double())).sum())
 
-    def row(self, j: int, out: Tensor) -> Tensor:
-        """∇E_j = Σ_m A[m, j] g_m, written into `out`."""
-        a, g = self.stacked()
-        if a.shape[0] == 1:
-            return torch.mul(g[0], a[0, j], out=out)
-        return torch.mv(g.T, a[:, j], out=out)
+    def rows(self, out: Tensor) -> Iterator[Tensor]:
+        """∇E_0, ∇E_1, … in turn, each Σ_m A[m, j] g_m written into the same buffer `out`."""
+        if not self.grads:  # n = 0, or no micro-batch: nothing to update
+            return
+        a, g = self.stacked()  # once per step, not once per row
+        for j in range(a.shape[1]):
+            yield torch.mul(g[0], a[0, j], out=out) if a.shape[0] == 1 else torch.mv(g.T, a[:, j], out=out)
 
     def dense(self, n: int, q: int) -> Tensor:
         """The materialised [n, q] gradient (for tests and inspection)."""
@@ -107,8 +108,8 @@ class FlatAdamW:
             m, v = self.exp_avg[name], self.exp_avg_sq[name]
             if isinstance(grad, ExpertGrad):
                 buffer = torch.empty(p.shape[-1], dtype=p.dtype, device=p.device)
-                for j in range(p.shape[0]):
-                    self._update(p[j], grad.row(j, buffer), m[j], v[j], end, lr_p, step)
+                for j, row in enumerate(grad.rows(buffer)):
+                    self._update(p[j], row, m[j], v[j], end, lr_p, step)
             else:
                 self._update(p, grad, m, v, end, lr_p, step)
 
