@@ -62,6 +62,21 @@ def test_baseline_generic_is_a_plain_model(tmp_path: Path) -> None:
     assert soup.n == 0 and soup.metadata["provenance"]["fixed_h"] is True
 
 
+def test_stop_after_pauses_a_run_on_its_full_schedule(tmp_path: Path) -> None:
+    work = make_workdir(tmp_path / "work")
+    common = ["--max-steps", "8", "--checkpoint-every", "100", "--seed", "1"]
+    paused = subprocess.run(_cli(str(work), *common, "--stop-after", "3"), capture_output=True, text=True)
+    assert paused.returncode == 0, paused.stderr
+    run_dir = work / "runs" / "soup"
+    assert sorted(_losses(run_dir)) == [1, 2, 3]
+    assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == "3"
+    assert not (run_dir / "curves.png").exists()  # the run is not finished
+    subprocess.run(_cli(str(work), *common), check=True, capture_output=True)
+    assert sorted(_losses(run_dir)) == list(range(1, 9))
+    bad = subprocess.run(_cli(str(work), *common, "--stop-after", "0"), capture_output=True, text=True)
+    assert bad.returncode != 0 and "--stop-after 0" in bad.stderr
+
+
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
     common = ["--max-steps", "16", "--checkpoint-every", "4", "--seed", "3"]
     ref_work = make_workdir(tmp_path / "ref")

@@ -73,6 +73,9 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
 @click.option("--experts", type=int, help="Number of experts n (0 = a plain model).")
 @click.option("--rank", "expert_rank", type=int, help="Low-rank experts of this rank (0 = dense; ddp sharding only).")
 @click.option("--max-steps", type=int, help="Total optimizer steps of the run.")
+@click.option("--stop-after", type=int,
+              help="Pause after this many steps (checkpointed, resumable); the schedule still spans --max-steps. "
+                   "For short probes of a long run.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints.")
 @click.option("--sharding", default="ddp", type=click.Choice(["ddp", "bank"]), show_default=True,
@@ -91,7 +94,7 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
 @click.option("--support-size", type=int, help="s: domains per draw of the meta-distribution.")
 @click.option("--threads", type=int, help="torch CPU threads.")
 def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | None, max_steps: int | None,
-          seed: int, checkpoint_every: int | None, sharding: str, baseline: str | None, run_name: str | None,
+          stop_after: int | None, seed: int, checkpoint_every: int | None, sharding: str, baseline: str | None, run_name: str | None,
           device: str | None, precision: str | None, lr: float | None, expert_lr_scale: float | None,
           router_lr_scale: float | None, batch_size: int | None,
           grad_accum: int | None, support_size: int | None, threads: int | None) -> None:
@@ -117,7 +120,7 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
         if run_name:
             spec = RunSpec(run_name, spec.fixed_h, spec.experts)
         run_dir = run_train(workdir, p, spec=spec, max_steps=max_steps, seed=seed, checkpoint_every=checkpoint_every,
-                            device=device, precision=precision, sharding=sharding)
+                            device=device, precision=precision, sharding=sharding, stop_after=stop_after)
     except SoeError as exc:
         _fail(exc)
     click.echo(f"run finished: {run_dir}")

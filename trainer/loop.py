@@ -80,6 +80,8 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
     `stop_after` ends this invocation after that many steps without finishing the run
     (a resumable pause, used by tests); `max_steps` is the run's full length.
     """
+    if stop_after is not None and stop_after < 1:
+        raise SoeError(f"--stop-after {stop_after}: must be a positive number of steps")
     workdir = Path(workdir)
     ctx = dd.setup(device)
     shards = DomainShards.open(workdir)
