@@ -28,9 +28,13 @@ def summary_text(spec: Specialist) -> str:
     """A few lines: documents, top domains, α, held-out losses, stage timings."""
     docs = spec.documents
     alpha = ", ".join(f"{x:+.2f}" for x in spec.alpha.tolist()[:8]) + (" …" if spec.alpha.numel() > 8 else "")
+    if spec.alpha.numel() == 0:
+        domains = "not estimated: a plain model (n = 0) does not depend on h"
+    else:
+        domains = (", ".join(f"#{i} {w:.0%}" for i, w in spec.top_domains)
+                   + f" (h from {docs.get('embedded_chunks', docs['train_chunks'])} of {docs['train_chunks']} training chunks)")
     lines = [f"documents  {docs['summary']}",
-             "domains    " + ", ".join(f"#{i} {w:.0%}" for i, w in spec.top_domains)
-             + f" (h from {docs.get('embedded_chunks', docs['train_chunks'])} of {docs['train_chunks']} training chunks)",
+             f"domains    {domains}",
              f"alpha      [{alpha}]" if spec.alpha.numel() else "alpha      (plain model: no experts)"]
     for name, fit in spec.fits.items():
         lines.append(f"{name:<10} held-out loss {fit.val_before:.3f} → {fit.val_after:.3f} "

@@ -166,6 +166,8 @@ def specialize(docs: str | Path | list[str] | DocumentSet, soup: SoupLike | list
 
     def weights_for(candidate: Soup) -> tuple[np.ndarray, Tensor]:
         """h and α = φ(h) of `candidate` for the training chunks (embedding once per embedder)."""
+        if candidate.n == 0:  # a plain model ignores h: skip the embedder (its load alone takes seconds)
+            return np.asarray(candidate.h_generic, dtype=np.float64), candidate.coefficients(candidate.h_generic).cpu()
         t = time.perf_counter()
         if candidate.embedder not in vectors_by_spec:
             embedder = Embedder.from_spec(candidate.embedder, device=None if device is None else str(device))
@@ -221,7 +223,7 @@ def specialize(docs: str | Path | list[str] | DocumentSet, soup: SoupLike | list
     if candidate_losses:
         losses["candidates"] = candidate_losses  # type: ignore[assignment]
     documents = {"count": len(doc_set.chunks), "train_chunks": len(train_chunks), "heldout_chunks": len(heldout_chunks),
-                 "embedded_chunks": len(embedded_chunks),
+                 "embedded_chunks": len(embedded_chunks) if soup.n else 0,
                  "fingerprint": doc_set.fingerprint, "files_read": doc_set.files_read,
                  "skipped": doc_set.skipped_by_reason(), "duplicates_dropped": doc_set.duplicates_dropped,
                  "summary": doc_set.summary()}

@@ -162,3 +162,21 @@ def test_h_is_estimated_from_a_seeded_sample_of_the_chunks(soup_path: Path) -> N
     assert abs(sampled.domain_weights.sum() - 1) < 1e-9
     with pytest.raises(SoeError, match="max_embedded_chunks"):
         specialize(texts, soup=soup_path, max_embedded_chunks=0)
+
+
+def test_a_plain_model_is_exported_without_embedding(tmp_path: Path) -> None:
+    """n = 0 (e.g. the generic baseline): h cannot change Θ, so nothing is embedded."""
+    from soe_sdk.report import summary_text
+
+    from .conftest import write_tiny_soup
+    plain = tmp_path / "plain.soe"
+    write_tiny_soup(plain, n=0, seed=5)
+    texts = [f"Line {i}: the scheduler retries failed jobs after {i} seconds." for i in range(12)]
+    spec = specialize(texts, soup=plain)
+    soup = soe_sdk.load(plain)
+    assert spec.documents["embedded_chunks"] == 0 and spec.timings["embed"] == 0.0
+    np.testing.assert_array_equal(spec.domain_weights, soup.h_generic)
+    expected = soup.instantiate(torch.zeros(0))
+    assert set(spec.params) == set(expected)
+    assert all(torch.equal(spec.params[name], expected[name]) for name in expected)
+    assert "not estimated" in summary_text(spec)
