@@ -53,7 +53,9 @@ def pack(workdir: str | Path, out: str | Path, run: str = "soup") -> str:
                   "preset": run_meta.get("preset"), "seed": run_meta.get("seed"),
                   "meta_distribution": None if run_meta.get("fixed_h") else
                   {"kind": "support", "s": run_meta.get("support_size")},
-                  "fixed_h": bool(run_meta.get("fixed_h")), "clusters": prep.get("clusters")}
+                  "fixed_h": bool(run_meta.get("fixed_h")), "clusters": prep.get("clusters"),
+                  "optimizer": {key: run_meta.get(key) for key in ("lr", "expert_lr_scale", "router_lr_scale",
+                                                                   "batch_size", "grad_accum", "seq_len")}}
     final_eval = _last_eval(run_dir / "metrics.jsonl")
     if final_eval:
         provenance["final_eval"] = final_eval
