@@ -167,7 +167,7 @@ def specialize(docs: str | Path | list[str] | DocumentSet, soup: SoupLike | list
     def weights_for(candidate: Soup) -> tuple[np.ndarray, Tensor]:
         """h and α = φ(h) of `candidate` for the training chunks (embedding once per embedder)."""
         if candidate.n == 0:  # a plain model ignores h: skip the embedder (its load alone takes seconds)
-            return np.asarray(candidate.h_generic, dtype=np.float64), candidate.coefficients(candidate.h_generic).cpu()
+            return np.asarray(candidate.h_generic, dtype=np.float64), torch.zeros(0)
         t = time.perf_counter()
         if candidate.embedder not in vectors_by_spec:
             embedder = Embedder.from_spec(candidate.embedder, device=None if device is None else str(device))

@@ -94,7 +94,8 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
 @click.option("--support-size", type=int, help="s: domains per draw of the meta-distribution.")
 @click.option("--threads", type=int, help="torch CPU threads.")
 def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | None, max_steps: int | None,
-          stop_after: int | None, seed: int, checkpoint_every: int | None, sharding: str, baseline: str | None, run_name: str | None,
+          stop_after: int | None, seed: int, checkpoint_every: int | None, sharding: str, baseline: str | None,
+          run_name: str | None,
           device: str | None, precision: str | None, lr: float | None, expert_lr_scale: float | None,
           router_lr_scale: float | None, batch_size: int | None,
           grad_accum: int | None, support_size: int | None, threads: int | None) -> None:

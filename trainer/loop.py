@@ -78,7 +78,8 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
     """Train (or resume) the run `spec.name` in WORKDIR/runs/; return the run folder.
 
     `stop_after` ends this invocation after that many steps without finishing the run
-    (a resumable pause, used by tests); `max_steps` is the run's full length.
+    (a resumable pause: tests, and `--stop-after` probes); `max_steps` is the run's full length,
+    so the learning-rate schedule of a paused run is the full run's.
     """
     if stop_after is not None and stop_after < 1:
         raise SoeError(f"--stop-after {stop_after}: must be a positive number of steps")
