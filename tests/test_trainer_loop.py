@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ import soe_sdk
 from trainer.loop import train
 from trainer.presets import get_preset
 
-from .conftest import make_workdir
+from .conftest import domain_documents, make_workdir
 
 TINY = get_preset("tiny").replace(eval_every=10)
 
@@ -49,6 +50,34 @@ def test_tiny_soup_learns_and_packs(tmp_path: Path) -> None:
     soup = soe_sdk.load(tmp_path / "tiny.soe")
     assert soup.n == TINY.experts and soup.k == 4
     assert soup.metadata["provenance"]["steps"] == 40
+
+
+def test_router_input_scale_is_folded_into_the_packed_router(tmp_path: Path) -> None:
+    work = make_workdir(tmp_path / "work")
+    from trainer.shards import write_token_file
+    from trainer.tokenizer import load_tokenizer
+    texts, labels = domain_documents(3, seed=2)  # a specialist eval set: domain 0's documents
+    write_token_file(load_tokenizer(work / "tokenizer.json"), [t for t, d in zip(texts, labels) if d == 0],
+                     work / "eval" / "domain0.bin")
+    np.save(work / "eval" / "domain0.h_hard.npy", np.array([0.7, 0.1, 0.1, 0.1]))
+    run_dir = train(work, TINY.replace(max_steps=10, router_input_scale=4.0), progress=False)
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+    sets = set(records[-1]["eval"]) - {"generic"}
+    assert sets and set(records[-1]["eval_at_generic_alpha"]) == sets == set(records[-1]["alpha_shift"])
+    assert all(v > 0 for v in records[-1]["alpha_shift"].values())
+
+    from trainer.checkpoint import load_checkpoint
+    from trainer.pack import pack
+    pack(work, tmp_path / "scaled.soe")
+    soup = soe_sdk.load(tmp_path / "scaled.soe")
+    assert soup.metadata["provenance"]["optimizer"]["router_input_scale"] == 4.0
+    trained = load_checkpoint(run_dir / "checkpoints", 10)[0]
+    router = {k: v for k, v in trained.items() if k.startswith("router.")}
+    h = torch.softmax(torch.randn(soup.k, generator=torch.Generator().manual_seed(0)), 0)
+    from soe_sdk.soup import router_forward
+    assert torch.allclose(soup.coefficients(h.numpy()), router_forward(router, 4.0 * h), atol=1e-5)
+    resumed = subprocess.run(_cli(str(work), "--preset", "tiny", "--max-steps", "12"), capture_output=True, text=True)
+    assert resumed.returncode != 0 and "--router-input-scale 4.0" in resumed.stderr
 
 
 def test_baseline_generic_is_a_plain_model(tmp_path: Path) -> None:

@@ -110,13 +110,14 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
     shard = (*dd.slice_bounds(layout.size, ctx), dd.padded_size(layout.size, ctx.world)) if bank else None
     state = SoupState.fresh(config, seed, ctx.device, shard=shard, betas=(preset.beta1, preset.beta2),
                             weight_decay=preset.weight_decay, expert_lr_scale=preset.expert_lr_scale,
-                            router_lr_scale=preset.router_lr_scale)
+                            router_lr_scale=preset.router_lr_scale, router_input_scale=preset.router_input_scale)
 
     start = 0
     resumed = ckpt.latest_step(ckpt_dir)
     if resumed is not None:
         tensors, saved = ckpt.load_checkpoint(ckpt_dir, resumed, rank=ctx.rank if bank else None)
-        _check_same_run(saved, config, sharding if bank else "ddp", ctx.world if bank else 1, run_dir)
+        _check_same_run(saved, config, sharding if bank else "ddp", ctx.world if bank else 1, run_dir,
+                        preset.router_input_scale)
         state.load_tensors({k: v.to(ctx.device) for k, v in tensors.items()}, saved["optimizer_steps"])
         start = resumed
     run_meta = {"run": spec.name, "preset": preset.name, "soup_config": config.to_dict(), "seed": seed,
@@ -124,7 +125,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                 "batch_size": preset.batch_size, "grad_accum": preset.grad_accum, "seq_len": preset.model.max_seq_len,
                 "world": ctx.world, "sharding": sharding if bank else "ddp", "lr": preset.lr,
                 "expert_lr_scale": preset.expert_lr_scale, "router_lr_scale": preset.router_lr_scale,
-                "storage_dtype": preset.storage_dtype}
+                "router_input_scale": preset.router_input_scale, "storage_dtype": preset.storage_dtype}
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run.json").write_text(json.dumps(run_meta, indent=2))
@@ -188,8 +189,8 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
         bar.set_postfix(loss=f"{mean_loss:.3f}")
         done = step + 1
         if eval_sets and (done % preset.eval_every == 0 or done == total_steps):
-            evals = _evaluate(state, layout, config, eval_sets, ctx, bank, autocast)
-            metrics.write({"step": done, "eval": evals})
+            metrics.write({"step": done, **_evaluate(state, layout, config, eval_sets, ctx, bank, autocast,
+                                                      shards.h_generic)})
         if done % every == 0 or done == total_steps or done == end:
             _save(state, ckpt_dir, done, ctx, bank, {"config": config.to_dict(), "sharding": sharding if bank else "ddp",
                                                       "world": ctx.world if bank else 1, "lo": state.lo,
@@ -219,10 +220,15 @@ def _autocast_dtype(precision: str | None, device: torch.device) -> torch.dtype 
     raise SoeError(f"--precision {precision!r}: use fp32 or bf16")
 
 
-def _check_same_run(saved: dict[str, Any], config: SoupConfig, sharding: str, world: int, run_dir: Path) -> None:
+def _check_same_run(saved: dict[str, Any], config: SoupConfig, sharding: str, world: int, run_dir: Path,
+                    router_input_scale: float) -> None:
     if saved.get("config") != config.to_dict():
         raise SoeError(f"{run_dir}: the checkpoint was trained with another configuration; "
                        "use another run name or delete the run folder")
+    saved_scale = saved.get("run", {}).get("router_input_scale", 1.0)
+    if saved_scale != router_input_scale:
+        raise SoeError(f"{run_dir}: the checkpoint's router was trained on {saved_scale}·h, not "
+                       f"{router_input_scale}·h; resume with --router-input-scale {saved_scale}")
     if saved.get("sharding") != sharding or saved.get("world") != world:
         raise SoeError(f"{run_dir}: the checkpoint was written with --sharding {saved.get('sharding')} on "
                        f"{saved.get('world')} rank(s); resume with the same setting")
@@ -260,14 +266,24 @@ def _full_theta_fn(state: SoupState, layout: FlatLayout, ctx: dd.DistContext, ba
 
 @torch.no_grad()
 def _evaluate(state: SoupState, layout: FlatLayout, config: SoupConfig, eval_sets, ctx: dd.DistContext,
-              bank: bool, autocast: torch.dtype | None) -> dict[str, float]:
+              bank: bool, autocast: torch.dtype | None, h_generic: np.ndarray) -> dict[str, Any]:
+    """Held-out losses at φ(h_set) ("eval"); for a soup also what specialisation adds: each set's
+    loss at φ(h_generic) ("eval_at_generic_alpha") and ‖φ(h_set) − φ(h_generic)‖ ("alpha_shift")."""
     theta_of = _full_theta_fn(state, layout, ctx, bank)
-    out: dict[str, float] = {}
+    alpha_generic = state.alpha(torch.as_tensor(h_generic)).detach()
+    record: dict[str, Any] = {"eval": {}}
+    if state.n:
+        record.update(eval_at_generic_alpha={}, alpha_shift={})
+        params_generic = layout.views(theta_of(alpha_generic))
     for es in eval_sets:
         alpha = state.alpha(torch.as_tensor(es.h)).detach()
         params = layout.views(theta_of(alpha))
-        out[es.name] = windows_loss(params, config.model, es.windows, autocast_dtype=autocast)
-    return out
+        record["eval"][es.name] = windows_loss(params, config.model, es.windows, autocast_dtype=autocast)
+        if state.n and es.name != "generic":
+            record["eval_at_generic_alpha"][es.name] = windows_loss(params_generic, config.model, es.windows,
+                                                                    autocast_dtype=autocast)
+            record["alpha_shift"][es.name] = float(torch.linalg.vector_norm(alpha - alpha_generic))
+    return record
 
 
 def _save(state: SoupState, ckpt_dir: Path, step: int, ctx: dd.DistContext, bank: bool, meta: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from soe_sdk.soup import write_soup
 from . import checkpoint as ckpt
 from .layout import SoupLayout
 from .shards import DomainShards
+from .state import packed_router
 
 
 def _full_flat(ckpt_dir: Path, step: int, state: dict) -> dict[str, torch.Tensor]:
@@ -41,11 +42,12 @@ def pack(workdir: str | Path, out: str | Path, run: str = "soup") -> str:
     config = SoupConfig.from_dict(state["config"])
     flat = _full_flat(ckpt_dir, step, state)
     tensors = SoupLayout.for_soup(config).archive_tensors(flat["S"], flat["E"], flat.get("F"))
-    tensors.update({k: v for k, v in flat.items() if k.startswith("router.")})
+    run_meta = state.get("run", {})
+    tensors.update(packed_router({k: v for k, v in flat.items() if k.startswith("router.")},
+                                 float(run_meta.get("router_input_scale", 1.0))))
 
     prep_path = workdir / "prepare.json"
     prep = json.loads(prep_path.read_text()) if prep_path.exists() else {}
-    run_meta = state.get("run", {})
     tokens = step * run_meta.get("batch_size", 0) * run_meta.get("grad_accum", 1) * run_meta.get("seq_len", 0)
     if run_meta.get("sharding") == "ddp":
         tokens *= run_meta.get("world", 1)
@@ -55,7 +57,8 @@ def pack(workdir: str | Path, out: str | Path, run: str = "soup") -> str:
                   {"kind": "support", "s": run_meta.get("support_size")},
                   "fixed_h": bool(run_meta.get("fixed_h")), "clusters": prep.get("clusters"),
                   "optimizer": {key: run_meta.get(key) for key in ("lr", "expert_lr_scale", "router_lr_scale",
-                                                                   "batch_size", "grad_accum", "seq_len")}}
+                                                                   "router_input_scale", "batch_size", "grad_accum",
+                                                                   "seq_len")}}
     final_eval = _last_eval(run_dir / "metrics.jsonl")
     if final_eval:
         provenance["final_eval"] = final_eval

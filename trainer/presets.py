@@ -33,6 +33,8 @@ class Preset:
     lr: float = 1e-3
     expert_lr_scale: float = 1.0  # experts (and low-rank factors) learn at lr × this
     router_lr_scale: float = 1.0  # the router φ learns at lr × this
+    router_input_scale: float = 1.0  # φ is trained on c·h (c = k: a uniform h gives unit inputs, so
+    # α reacts to h from step 0); `soe-train pack` folds c into fc1, the archive holds the plain φ(h)
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     weight_decay: float = 0.1

@@ -31,8 +31,10 @@ class SoupState:
     def __init__(self, config: SoupConfig, layout: SoupLayout, shared: Tensor, experts: Tensor,
                  router: dict[str, Tensor], *, factors: Tensor | None = None, lo: int = 0, hi: int | None = None,
                  betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.1,
-                 expert_lr_scale: float = 1.0, router_lr_scale: float = 1.0) -> None:
+                 expert_lr_scale: float = 1.0, router_lr_scale: float = 1.0,
+                 router_input_scale: float = 1.0) -> None:
         self.config, self.layout = config, layout
+        self.router_input_scale = router_input_scale
         self.lo, self.hi = lo, layout.shared.size if hi is None else hi
         if layout.lowrank and (self.lo, self.hi) != (0, layout.shared.size):
             raise SoeError("low-rank experts cannot be bank-sharded; use --sharding ddp")
@@ -105,10 +107,10 @@ class SoupState:
         return list(self.router.values()) + ([self.factors] if self.factors is not None else [])
 
     def alpha(self, h: Tensor) -> Tensor:
-        """α = φ(h), with autograd into the router."""
+        """α = φ(c·h) with c = router_input_scale, with autograd into the router."""
         if self.n == 0:
             return torch.zeros(0, device=self.shared.device)
-        return router_forward(self.router, h.to(self.shared.device, torch.float32))
+        return router_forward(self.router, h.to(self.shared.device, torch.float32) * self.router_input_scale)
 
     def merge_local(self, alpha: Tensor) -> Tensor:
         """This state's slice of Θ; differentiable (in F and α) only in its low-rank prefix."""
@@ -193,5 +195,10 @@ class SoupState:
         assert self.lo == 0 and self.hi == self.layout.shared.size, "gather the shards before packing"
         factors = None if self.factors is None else self.factors.detach()
         out = {k: v.detach().cpu() for k, v in self.layout.archive_tensors(self.shared, self.experts, factors).items()}
-        out.update({k: v.detach().cpu() for k, v in self.router.items()})
+        out.update(packed_router({k: v.detach().cpu() for k, v in self.router.items()}, self.router_input_scale))
         return out
+
+
+def packed_router(router: dict[str, Tensor], input_scale: float) -> dict[str, Tensor]:
+    """The router as an archive stores it: φ trained on c·h is the plain φ(h) with fc1's weight × c."""
+    return {k: v * input_scale if k == "router.fc1.weight" else v for k, v in router.items()}
