@@ -8,6 +8,9 @@ For each archive (written to a temporary folder and deleted afterwards) it times
 
 - numpy     `S + α @ E` per parameter on in-memory float32 arrays holding the same values:
             the baseline "read the bytes once" (the target is warm ≤ 1.5× this);
+- numpy16   for float16 archives, NumPy on the stored bytes themselves: `S + α @ E` on
+            in-memory float16 arrays, each converted to float32 as it is read (NumPy has no
+            mixed-precision GEMV), i.e. what NumPy needs to read and combine those bytes once;
 - warm      `instantiate(α)` on a Soup whose tensors were already checksum-verified, with
             the default `low_memory` (on above 1 GiB: pages are released as the merge
             streams, so each merge maps them again);
@@ -95,14 +98,19 @@ def median_time(fn, reps: int) -> tuple[float, list[float]]:
     return statistics.median(runs), runs
 
 
-def numpy_arrays(soup) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(S, E as [n, p]) per parameter, in memory, float32."""
+def numpy_arrays(soup, dtype: torch.dtype = torch.float32) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(S, E as [n, p]) per parameter, in memory, in `dtype`."""
     out = []
     for name in soup.model_config.parameter_shapes():
-        s = soup.archive.tensor(f"shared.{name}").float().numpy().reshape(-1).copy()
-        e = soup.archive.tensor(f"experts.{name}").float().numpy().reshape(soup.n, -1).copy()
+        s = soup.archive.tensor(f"shared.{name}").to(dtype).numpy().reshape(-1).copy()
+        e = soup.archive.tensor(f"experts.{name}").to(dtype).numpy().reshape(soup.n, -1).copy()
         out.append((s, e))
     return out
+
+
+def numpy_merge_stored(arrays: list[tuple[np.ndarray, np.ndarray]], alpha: np.ndarray) -> list[np.ndarray]:
+    """S + α @ E with each stored (float16) array converted to float32 as it is read."""
+    return [s.astype(np.float32) + alpha @ e.astype(np.float32) for s, e in arrays]
 
 
 def naive_merge(soup, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -165,6 +173,11 @@ def bench(size: str, dtype_name: str, reps: int, folder: Path, with_rss: bool) -
     a_np = alpha.numpy()
     t_numpy, _ = median_time(lambda: [s + a_np @ e for s, e in arrays], reps)
     del arrays
+    t_numpy16 = None
+    if DTYPES[dtype_name] == torch.float16:
+        arrays = numpy_arrays(soup, torch.float16)
+        t_numpy16, _ = median_time(lambda: numpy_merge_stored(arrays, a_np), reps)
+        del arrays
     gc.collect()
 
     # correctness against the reference before any timing of the streamed path
@@ -187,6 +200,7 @@ def bench(size: str, dtype_name: str, reps: int, folder: Path, with_rss: bool) -
     t_verify, _ = median_time(lambda: soe_sdk.load(path).archive.verify_all(), max(1, reps // 2))
     row = {"size": size, "storage": dtype_name, "file_mb": file_bytes / 2**20, "experts": EXPERTS,
            "theta_params": SIZES[size].num_parameters(), "build_s": build_s, "numpy_s": t_numpy,
+           "numpy16_s": t_numpy16, "warm_ratio_numpy16": None if t_numpy16 is None else t_warm / t_numpy16,
            "low_memory": soup.low_memory, "warm_s": t_warm, "mapped_s": t_mapped, "mapped_ratio": t_mapped / t_numpy,
            "cold_s": t_cold, "verify_s": t_verify, "naive_s": t_naive, "half_alpha_s": t_half,
            "warm_ratio": t_warm / t_numpy, "cold_ratio": t_cold / t_numpy,
@@ -239,6 +253,10 @@ def main() -> None:
                   f"in a fresh process: {rss['peak_rss_mb']:.0f} MB (before the merge {rss['rss_before_mb']:.0f} MB, "
                   f"Θ {rss['theta_mb']:.0f} MB; target < Θ + 300 MB = {rss['target_mb']:.0f} MB: {verdict}); "
                   f"with low_memory=False: {r['rss_mapped']['peak_rss_mb']:.0f} MB")
+    for r in rows:
+        if r["numpy16_s"] is not None:
+            print(f"{r['size']}-{r['storage']}: NumPy on the stored float16 bytes {r['numpy16_s']:.3f} s; "
+                  f"warm / that = {r['warm_ratio_numpy16']:.2f}x")
     print("seconds are medians; ratio = time / numpy; numpy = S + α @ E on in-memory float32 arrays; "
           "½α = warm with every other α_j = 0")
 

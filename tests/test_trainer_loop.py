@@ -52,7 +52,7 @@ def test_tiny_soup_learns_and_packs(tmp_path: Path) -> None:
     assert soup.metadata["provenance"]["steps"] == 40
 
 
-def test_router_input_scale_is_folded_into_the_packed_router(tmp_path: Path) -> None:
+def test_router_input_scale_and_centring_are_folded_into_the_packed_router(tmp_path: Path) -> None:
     work = make_workdir(tmp_path / "work")
     from trainer.shards import write_token_file
     from trainer.tokenizer import load_tokenizer
@@ -60,7 +60,7 @@ def test_router_input_scale_is_folded_into_the_packed_router(tmp_path: Path) -> 
     write_token_file(load_tokenizer(work / "tokenizer.json"), [t for t, d in zip(texts, labels) if d == 0],
                      work / "eval" / "domain0.bin")
     np.save(work / "eval" / "domain0.h_hard.npy", np.array([0.7, 0.1, 0.1, 0.1]))
-    run_dir = train(work, TINY.replace(max_steps=10, router_input_scale=4.0), progress=False)
+    run_dir = train(work, TINY.replace(max_steps=10, router_input_scale=4.0, centre_alpha=True), progress=False)
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
     sets = set(records[-1]["eval"]) - {"generic"}
     assert sets and set(records[-1]["eval_at_generic_alpha"]) == sets == set(records[-1]["alpha_shift"])
@@ -75,9 +75,11 @@ def test_router_input_scale_is_folded_into_the_packed_router(tmp_path: Path) -> 
     router = {k: v for k, v in trained.items() if k.startswith("router.")}
     h = torch.softmax(torch.randn(soup.k, generator=torch.Generator().manual_seed(0)), 0)
     from soe_sdk.soup import router_forward
-    assert torch.allclose(soup.coefficients(h.numpy()), router_forward(router, 4.0 * h), atol=1e-5)
+    centre = trained["alpha_centre"]
+    assert float(centre.abs().max()) > 0
+    assert torch.allclose(soup.coefficients(h.numpy()), router_forward(router, 4.0 * h) - centre, atol=1e-5)
     resumed = subprocess.run(_cli(str(work), "--preset", "tiny", "--max-steps", "12"), capture_output=True, text=True)
-    assert resumed.returncode != 0 and "--router-input-scale 4.0" in resumed.stderr
+    assert resumed.returncode != 0 and "--router-input-scale" in resumed.stderr
 
 
 def test_baseline_generic_is_a_plain_model(tmp_path: Path) -> None:

@@ -83,3 +83,23 @@ def test_per_parameter_learning_rate_scales() -> None:
         torch.testing.assert_close(opt.params["S"], start - 1e-3, rtol=0, atol=1e-6)  # unscaled
     assert moves[0.0] == 0.0
     assert abs(moves[10.0] - 10 * moves[1.0]) < 1e-6
+
+
+def test_zero_expert_init_starts_at_theta_equals_s_and_centring_tracks_the_mean_alpha() -> None:
+    from soe_sdk.config import ModelConfig, RouterConfig, SoupConfig
+    from trainer.state import SoupState
+
+    config = SoupConfig(ModelConfig(vocab_size=300, max_seq_len=32, d_model=32, n_layers=2, n_heads=2, d_mlp=64),
+                        RouterConfig(k=4, n=3, hidden=8))
+    zero = SoupState.fresh(config, 11, torch.device("cpu"), expert_init_scale=0.0)
+    assert torch.equal(zero.merge_local(torch.tensor([1.0, -2.0, 3.0])), zero.shared)
+
+    state = SoupState.fresh(config, 11, torch.device("cpu"), centre_alpha=True, router_input_scale=4.0)
+    draws = [torch.tensor([0.7, 0.1, 0.1, 0.1]), torch.tensor([0.1, 0.1, 0.1, 0.7])]
+    raw = torch.stack([state.alpha(h).detach() for h in draws])  # centre still 0: raw φ(4h)
+    for _ in range(2000):  # one optimizer step per pair of micro-batches; the router does not move
+        state.update_centre([state.alpha(h).detach() for h in draws])
+    torch.testing.assert_close(state.alpha_centre, raw.mean(0), rtol=0, atol=1e-4)
+    centred = torch.stack([state.alpha(h).detach() for h in draws])
+    torch.testing.assert_close(centred.mean(0), torch.zeros(3), rtol=0, atol=1e-4)
+    torch.testing.assert_close(centred[0] - centred[1], raw[0] - raw[1])  # differences between h are kept

@@ -91,6 +91,9 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
 @click.option("--router-lr-scale", type=float, help="The router φ learns at lr × this (overrides the preset).")
 @click.option("--router-input-scale", type=float,
               help="Train φ on c·h (overrides the preset; pack folds c into φ's first layer).")
+@click.option("--expert-init-scale", type=float, help="× the dense experts' initial values (0: start at Θ = S).")
+@click.option("--centre-alpha/--no-centre-alpha", default=None,
+              help="Merge with α − ᾱ (running mean of α over π) during training (overrides the preset).")
 @click.option("--batch-size", type=int, help="Sequences per micro-batch (overrides the preset).")
 @click.option("--grad-accum", type=int, help="Micro-batches, each with its own h, per optimizer step.")
 @click.option("--support-size", type=int, help="s: domains per draw of the meta-distribution.")
@@ -99,7 +102,9 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
           stop_after: int | None, seed: int, checkpoint_every: int | None, sharding: str, baseline: str | None,
           run_name: str | None,
           device: str | None, precision: str | None, lr: float | None, expert_lr_scale: float | None,
-          router_lr_scale: float | None, router_input_scale: float | None, batch_size: int | None,
+          router_lr_scale: float | None, router_input_scale: float | None, expert_init_scale: float | None,
+          centre_alpha: bool | None,
+          batch_size: int | None,
           grad_accum: int | None, support_size: int | None, threads: int | None) -> None:
     """Train (or resume) a soup or a baseline; resumes from WORKDIR/runs/RUN's last checkpoint."""
     import torch
@@ -112,7 +117,8 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
         torch.set_num_threads(threads)
     p = get_preset(preset)
     overrides = {k: v for k, v in {"lr": lr, "expert_lr_scale": expert_lr_scale, "router_lr_scale": router_lr_scale,
-                                   "router_input_scale": router_input_scale, "batch_size": batch_size, "grad_accum": grad_accum,
+                                   "router_input_scale": router_input_scale, "centre_alpha": centre_alpha,
+                                   "expert_init_scale": expert_init_scale, "batch_size": batch_size, "grad_accum": grad_accum,
                                    "support_size": support_size, "expert_rank": expert_rank}.items() if v is not None}
     p = p.replace(**overrides)
     try:

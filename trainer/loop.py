@@ -108,16 +108,18 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                        "use --sharding ddp")
 
     shard = (*dd.slice_bounds(layout.size, ctx), dd.padded_size(layout.size, ctx.world)) if bank else None
-    state = SoupState.fresh(config, seed, ctx.device, shard=shard, betas=(preset.beta1, preset.beta2),
+    state = SoupState.fresh(config, seed, ctx.device, shard=shard, expert_init_scale=preset.expert_init_scale,
+                            betas=(preset.beta1, preset.beta2),
                             weight_decay=preset.weight_decay, expert_lr_scale=preset.expert_lr_scale,
-                            router_lr_scale=preset.router_lr_scale, router_input_scale=preset.router_input_scale)
+                            router_lr_scale=preset.router_lr_scale, router_input_scale=preset.router_input_scale,
+                            centre_alpha=preset.centre_alpha)
 
     start = 0
     resumed = ckpt.latest_step(ckpt_dir)
     if resumed is not None:
         tensors, saved = ckpt.load_checkpoint(ckpt_dir, resumed, rank=ctx.rank if bank else None)
         _check_same_run(saved, config, sharding if bank else "ddp", ctx.world if bank else 1, run_dir,
-                        preset.router_input_scale)
+                        preset)
         state.load_tensors({k: v.to(ctx.device) for k, v in tensors.items()}, saved["optimizer_steps"])
         start = resumed
     run_meta = {"run": spec.name, "preset": preset.name, "soup_config": config.to_dict(), "seed": seed,
@@ -125,7 +127,8 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                 "batch_size": preset.batch_size, "grad_accum": preset.grad_accum, "seq_len": preset.model.max_seq_len,
                 "world": ctx.world, "sharding": sharding if bank else "ddp", "lr": preset.lr,
                 "expert_lr_scale": preset.expert_lr_scale, "router_lr_scale": preset.router_lr_scale,
-                "router_input_scale": preset.router_input_scale, "storage_dtype": preset.storage_dtype}
+                "router_input_scale": preset.router_input_scale, "centre_alpha": preset.centre_alpha,
+                "expert_init_scale": preset.expert_init_scale, "storage_dtype": preset.storage_dtype}
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run.json").write_text(json.dumps(run_meta, indent=2))
@@ -176,6 +179,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                     g.gather(dd.all_gather_rows)
                 else:
                     dd.all_reduce_sum(g)
+        state.update_centre(grads["E"].alphas)  # after the gather: every rank's micro-batches
         norm = _clip(grads, preset.grad_clip, state, bank)
         lr = lr_at(step, lr=preset.lr, warmup=preset.warmup_steps, total=total_steps, min_ratio=preset.min_lr_ratio)
         state.optimizer.step(grads, lr)
@@ -221,14 +225,16 @@ def _autocast_dtype(precision: str | None, device: torch.device) -> torch.dtype 
 
 
 def _check_same_run(saved: dict[str, Any], config: SoupConfig, sharding: str, world: int, run_dir: Path,
-                    router_input_scale: float) -> None:
+                    preset: Preset) -> None:
     if saved.get("config") != config.to_dict():
         raise SoeError(f"{run_dir}: the checkpoint was trained with another configuration; "
                        "use another run name or delete the run folder")
-    saved_scale = saved.get("run", {}).get("router_input_scale", 1.0)
-    if saved_scale != router_input_scale:
-        raise SoeError(f"{run_dir}: the checkpoint's router was trained on {saved_scale}·h, not "
-                       f"{router_input_scale}·h; resume with --router-input-scale {saved_scale}")
+    run = saved.get("run", {})
+    for key, default in (("router_input_scale", 1.0), ("centre_alpha", False)):
+        if run.get(key, default) != getattr(preset, key):
+            flag = key.replace("_", "-")
+            raise SoeError(f"{run_dir}: the checkpoint was trained with {key} = {run.get(key, default)}, not "
+                           f"{getattr(preset, key)}; resume with the same --{flag} setting")
     if saved.get("sharding") != sharding or saved.get("world") != world:
         raise SoeError(f"{run_dir}: the checkpoint was written with --sharding {saved.get('sharding')} on "
                        f"{saved.get('world')} rank(s); resume with the same setting")

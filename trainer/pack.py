@@ -17,6 +17,10 @@ from .shards import DomainShards
 from .state import packed_router
 
 
+TRAINING_SETTINGS = ("lr", "expert_lr_scale", "router_lr_scale", "router_input_scale", "centre_alpha",
+                     "expert_init_scale", "batch_size", "grad_accum", "seq_len")  # recorded in the provenance
+
+
 def _full_flat(ckpt_dir: Path, step: int, state: dict) -> dict[str, torch.Tensor]:
     """Parameters of a checkpoint; bank-sharded ones are stitched from every rank's slice."""
     if state.get("sharding") != "bank":
@@ -44,7 +48,7 @@ def pack(workdir: str | Path, out: str | Path, run: str = "soup") -> str:
     tensors = SoupLayout.for_soup(config).archive_tensors(flat["S"], flat["E"], flat.get("F"))
     run_meta = state.get("run", {})
     tensors.update(packed_router({k: v for k, v in flat.items() if k.startswith("router.")},
-                                 float(run_meta.get("router_input_scale", 1.0))))
+                                 float(run_meta.get("router_input_scale", 1.0)), flat.get("alpha_centre")))
 
     prep_path = workdir / "prepare.json"
     prep = json.loads(prep_path.read_text()) if prep_path.exists() else {}
@@ -56,9 +60,7 @@ def pack(workdir: str | Path, out: str | Path, run: str = "soup") -> str:
                   "meta_distribution": None if run_meta.get("fixed_h") else
                   {"kind": "support", "s": run_meta.get("support_size")},
                   "fixed_h": bool(run_meta.get("fixed_h")), "clusters": prep.get("clusters"),
-                  "optimizer": {key: run_meta.get(key) for key in ("lr", "expert_lr_scale", "router_lr_scale",
-                                                                   "router_input_scale", "batch_size", "grad_accum",
-                                                                   "seq_len")}}
+                  "optimizer": {key: run_meta.get(key) for key in TRAINING_SETTINGS}}
     final_eval = _last_eval(run_dir / "metrics.jsonl")
     if final_eval:
         provenance["final_eval"] = final_eval

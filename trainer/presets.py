@@ -35,6 +35,9 @@ class Preset:
     router_lr_scale: float = 1.0  # the router φ learns at lr × this
     router_input_scale: float = 1.0  # φ is trained on c·h (c = k: a uniform h gives unit inputs, so
     # α reacts to h from step 0); `soe-train pack` folds c into fc1, the archive holds the plain φ(h)
+    expert_init_scale: float = 1.0  # × the dense experts' initial N(0, 0.02/√n) values (0: Θ = S at step 0)
+    centre_alpha: bool = False  # merge with α − ᾱ (ᾱ: running mean over π), so experts learn only what
+    # varies with h and S the rest; pack folds ᾱ into φ's output bias
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     weight_decay: float = 0.1

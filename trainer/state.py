@@ -24,6 +24,8 @@ from soe_sdk.soup import ROUTER_NAMES, init_soup, iter_init_soup, router_forward
 from .layout import SoupLayout
 from .optim import ExpertGrad, FlatAdamW
 
+ALPHA_CENTRE_DECAY = 0.99  # ᾱ averages α over the last ~100 optimizer steps
+
 
 class SoupState:
     """Parameters, gradients and optimizer of a (possibly sliced) soup on one device."""
@@ -32,9 +34,14 @@ class SoupState:
                  router: dict[str, Tensor], *, factors: Tensor | None = None, lo: int = 0, hi: int | None = None,
                  betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.1,
                  expert_lr_scale: float = 1.0, router_lr_scale: float = 1.0,
-                 router_input_scale: float = 1.0) -> None:
+                 router_input_scale: float = 1.0, centre_alpha: bool = False) -> None:
         self.config, self.layout = config, layout
         self.router_input_scale = router_input_scale
+        # Centring: Θ = S + Σ_j (α_j − ᾱ_j) E_j with ᾱ a running mean of α over the draws of π.
+        # An expert's gradient (α_j − ᾱ_j)·∇Θ then has no share of the average (generic) gradient,
+        # which S takes; experts learn only what varies with h. Packing folds ᾱ into φ's last bias.
+        self.centre_alpha = centre_alpha
+        self.alpha_centre = torch.zeros(config.router.n, device=shared.device)
         self.lo, self.hi = lo, layout.shared.size if hi is None else hi
         if layout.lowrank and (self.lo, self.hi) != (0, layout.shared.size):
             raise SoeError("low-rank experts cannot be bank-sharded; use --sharding ddp")
@@ -58,8 +65,11 @@ class SoupState:
 
     @classmethod
     def fresh(cls, config: SoupConfig, seed: int, device: torch.device,
-              shard: tuple[int, int, int] | None = None, **kwargs) -> "SoupState":
-        """A freshly initialised soup; `shard=(lo, hi, padded_p)` keeps only that slice of S and E."""
+              shard: tuple[int, int, int] | None = None, expert_init_scale: float = 1.0, **kwargs) -> "SoupState":
+        """A freshly initialised soup; `shard=(lo, hi, padded_p)` keeps only that slice of S and E.
+
+        `expert_init_scale` multiplies the dense experts' initial values (0: Θ = S at step 0, and
+        no random Σ_j α_j E_j perturbs Θ while α varies with h)."""
         layout = SoupLayout.for_soup(config)
         n = config.router.n
         if shard is None:
@@ -69,7 +79,8 @@ class SoupState:
             factors = layout.factors.flatten(tensors, "experts.").to(device) if layout.lowrank else None
             router = {k: tensors.pop(k).float().to(device) for k in ROUTER_NAMES}
             del tensors
-            return cls(config, layout, shared.to(device), experts.to(device), router, factors=factors, **kwargs)
+            return cls(config, layout, shared.to(device), (experts * expert_init_scale).to(device), router,
+                       factors=factors, **kwargs)
         if layout.lowrank:
             raise SoeError("low-rank experts cannot be bank-sharded; use --sharding ddp")
         # Slice while initialising, one parameter's bank at a time: a rank never holds the whole
@@ -91,7 +102,8 @@ class SoupState:
                 shared[a - lo:b - lo] = value.reshape(-1)[a - offset:b - offset]
             else:
                 experts[:, a - lo:b - lo] = value.reshape(n, -1)[:, a - offset:b - offset]
-        return cls(config, layout, shared.to(device), experts.to(device), router, lo=lo, hi=hi, **kwargs)
+        return cls(config, layout, shared.to(device), (experts * expert_init_scale).to(device), router, lo=lo, hi=hi,
+                   **kwargs)
 
     @property
     def n(self) -> int:
@@ -107,10 +119,19 @@ class SoupState:
         return list(self.router.values()) + ([self.factors] if self.factors is not None else [])
 
     def alpha(self, h: Tensor) -> Tensor:
-        """α = φ(c·h) with c = router_input_scale, with autograd into the router."""
+        """The coefficients Θ is merged with for h: φ(c·h) − ᾱ (c = router_input_scale, ᾱ = 0 unless
+        centring), with autograd into the router."""
         if self.n == 0:
             return torch.zeros(0, device=self.shared.device)
-        return router_forward(self.router, h.to(self.shared.device, torch.float32) * self.router_input_scale)
+        raw = router_forward(self.router, h.to(self.shared.device, torch.float32) * self.router_input_scale)
+        return raw - self.alpha_centre
+
+    def update_centre(self, alphas: list[Tensor]) -> None:
+        """ᾱ ← EMA of the raw α of one optimizer step's micro-batches (every rank's, so ranks agree)."""
+        if not (self.centre_alpha and self.n and alphas):
+            return
+        raw_mean = torch.stack(alphas).mean(0) + self.alpha_centre
+        self.alpha_centre.lerp_(raw_mean.to(self.alpha_centre.device), 1.0 - ALPHA_CENTRE_DECAY)
 
     def merge_local(self, alpha: Tensor) -> Tensor:
         """This state's slice of Θ; differentiable (in F and α) only in its low-rank prefix."""
@@ -177,6 +198,7 @@ class SoupState:
         if self.factors is not None:
             out["F"] = self.factors.detach()
         out.update({k: v.detach() for k, v in self.router.items()})
+        out["alpha_centre"] = self.alpha_centre
         out.update(self.optimizer.state_tensors())
         return out
 
@@ -188,6 +210,8 @@ class SoupState:
                 self.factors.copy_(tensors["F"])
             for k, v in self.router.items():
                 v.copy_(tensors[k])
+            if "alpha_centre" in tensors:  # absent from checkpoints written before centring existed
+                self.alpha_centre.copy_(tensors["alpha_centre"])
         self.optimizer.load_state_tensors(tensors, step_count)
 
     def soup_tensors(self) -> dict[str, Tensor]:
@@ -195,10 +219,16 @@ class SoupState:
         assert self.lo == 0 and self.hi == self.layout.shared.size, "gather the shards before packing"
         factors = None if self.factors is None else self.factors.detach()
         out = {k: v.detach().cpu() for k, v in self.layout.archive_tensors(self.shared, self.experts, factors).items()}
-        out.update(packed_router({k: v.detach().cpu() for k, v in self.router.items()}, self.router_input_scale))
+        out.update(packed_router({k: v.detach().cpu() for k, v in self.router.items()}, self.router_input_scale,
+                                 self.alpha_centre.cpu()))
         return out
 
 
-def packed_router(router: dict[str, Tensor], input_scale: float) -> dict[str, Tensor]:
-    """The router as an archive stores it: φ trained on c·h is the plain φ(h) with fc1's weight × c."""
-    return {k: v * input_scale if k == "router.fc1.weight" else v for k, v in router.items()}
+def packed_router(router: dict[str, Tensor], input_scale: float, centre: Tensor | None) -> dict[str, Tensor]:
+    """The router as an archive stores it, the plain φ(h): training's φ(c·h) − ᾱ is fc1's weight × c
+    and fc2's bias − ᾱ."""
+    out = dict(router)
+    out["router.fc1.weight"] = router["router.fc1.weight"] * input_scale
+    if centre is not None and centre.numel():
+        out["router.fc2.bias"] = router["router.fc2.bias"] - centre.to(router["router.fc2.bias"])
+    return out
