@@ -93,6 +93,19 @@ def test_baseline_generic_is_a_plain_model(tmp_path: Path) -> None:
     assert soup.n == 0 and soup.metadata["provenance"]["fixed_h"] is True
 
 
+def test_baselines_train_at_the_baseline_learning_rate(tmp_path: Path) -> None:
+    from trainer.loop import baseline_spec
+    from trainer.shards import DomainShards
+
+    work = make_workdir(tmp_path / "work")
+    preset = TINY.replace(max_steps=3, warmup_steps=1, lr=1e-3, baseline_lr=4e-3)
+    generic = train(work, preset, spec=baseline_spec("generic", work, DomainShards.open(work), 2), progress=False)
+    soup = train(work, preset, progress=False)
+    peak = {run.name: max(json.loads(l)["lr"] for l in (run / "metrics.jsonl").read_text().splitlines()
+                          if '"loss"' in l) for run in (generic, soup)}
+    assert peak == {"generic": 4e-3, "soup": 1e-3}
+
+
 def test_stop_after_pauses_a_run_on_its_full_schedule(tmp_path: Path) -> None:
     work = make_workdir(tmp_path / "work")
     common = ["--max-steps", "8", "--checkpoint-every", "100", "--seed", "1"]

@@ -86,7 +86,7 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
                    "spell it --run-name (torchrun reads --run as an abbreviation of its own --run-path).")
 @click.option("--device", help="cpu or cuda (default: cuda if available).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="Autocast precision (default bf16 on GPU, fp32 on CPU).")
-@click.option("--lr", type=float, help="Peak learning rate (overrides the preset).")
+@click.option("--lr", type=float, help="Peak learning rate of this run, soup or baseline (overrides the preset).")
 @click.option("--expert-lr-scale", type=float, help="Experts learn at lr × this (overrides the preset).")
 @click.option("--router-lr-scale", type=float, help="The router φ learns at lr × this (overrides the preset).")
 @click.option("--router-input-scale", type=float,
@@ -120,6 +120,8 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
                                    "router_input_scale": router_input_scale, "centre_alpha": centre_alpha,
                                    "expert_init_scale": expert_init_scale, "batch_size": batch_size, "grad_accum": grad_accum,
                                    "support_size": support_size, "expert_rank": expert_rank}.items() if v is not None}
+    if lr is not None:
+        overrides["baseline_lr"] = lr
     p = p.replace(**overrides)
     try:
         if baseline:

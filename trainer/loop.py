@@ -114,6 +114,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                             router_lr_scale=preset.router_lr_scale, router_input_scale=preset.router_input_scale,
                             centre_alpha=preset.centre_alpha)
 
+    peak_lr = preset.lr if n or preset.baseline_lr is None else preset.baseline_lr
     start = 0
     resumed = ckpt.latest_step(ckpt_dir)
     if resumed is not None:
@@ -125,7 +126,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
     run_meta = {"run": spec.name, "preset": preset.name, "soup_config": config.to_dict(), "seed": seed,
                 "max_steps": total_steps, "support_size": preset.support_size, "fixed_h": spec.fixed_h is not None,
                 "batch_size": preset.batch_size, "grad_accum": preset.grad_accum, "seq_len": preset.model.max_seq_len,
-                "world": ctx.world, "sharding": sharding if bank else "ddp", "lr": preset.lr,
+                "world": ctx.world, "sharding": sharding if bank else "ddp", "lr": peak_lr,
                 "expert_lr_scale": preset.expert_lr_scale, "router_lr_scale": preset.router_lr_scale,
                 "router_input_scale": preset.router_input_scale, "centre_alpha": preset.centre_alpha,
                 "expert_init_scale": preset.expert_init_scale, "storage_dtype": preset.storage_dtype}
@@ -181,7 +182,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                     dd.all_reduce_sum(g)
         state.update_centre(grads["E"].alphas)  # after the gather: every rank's micro-batches
         norm = _clip(grads, preset.grad_clip, state, bank)
-        lr = lr_at(step, lr=preset.lr, warmup=preset.warmup_steps, total=total_steps, min_ratio=preset.min_lr_ratio)
+        lr = lr_at(step, lr=peak_lr, warmup=preset.warmup_steps, total=total_steps, min_ratio=preset.min_lr_ratio)
         state.optimizer.step(grads, lr)
         mean_loss = _mean_over_ranks(losses, ctx)
         now = time.time()
