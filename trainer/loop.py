@@ -284,7 +284,7 @@ def _evaluate(state: SoupState, layout: FlatLayout, config: SoupConfig, eval_set
         params_generic = layout.views(theta_of(alpha_generic))
     for es in eval_sets:
         alpha = state.alpha(torch.as_tensor(es.h)).detach()
-        params = layout.views(theta_of(alpha))
+        params = params_generic if state.n and es.name == "generic" else layout.views(theta_of(alpha))
         record["eval"][es.name] = windows_loss(params, config.model, es.windows, autocast_dtype=autocast)
         if state.n and es.name != "generic":
             record["eval_at_generic_alpha"][es.name] = windows_loss(params_generic, config.model, es.windows,
