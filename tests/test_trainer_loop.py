@@ -15,6 +15,7 @@ import torch
 
 import soe_sdk
 from trainer.loop import train
+from trainer.optim import lr_at
 from trainer.presets import get_preset
 
 from .conftest import domain_documents, make_workdir
@@ -104,6 +105,19 @@ def test_baselines_train_at_the_baseline_learning_rate(tmp_path: Path) -> None:
     peak = {run.name: max(json.loads(l)["lr"] for l in (run / "metrics.jsonl").read_text().splitlines()
                           if '"loss"' in l) for run in (generic, soup)}
     assert peak == {"generic": 4e-3, "soup": 1e-3}
+
+
+def test_min_lr_ratio_sets_where_the_schedule_ends(tmp_path: Path) -> None:
+    work = make_workdir(tmp_path / "work")
+    done = subprocess.run(_cli(str(work), "--max-steps", "8", "--checkpoint-every", "100", "--lr", "1e-3",
+                               "--min-lr-ratio", "0.5"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    run_dir = work / "runs" / "soup"
+    lrs = [json.loads(l)["lr"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert TINY.warmup_steps < 7  # the last step is on the cosine, near its floor of 0.5e-3
+    assert lrs[-1] == pytest.approx(lr_at(7, lr=1e-3, warmup=TINY.warmup_steps, total=8, min_ratio=0.5))
+    assert lrs[-1] < lr_at(7, lr=1e-3, warmup=TINY.warmup_steps, total=8, min_ratio=0.6)
+    assert json.loads((run_dir / "run.json").read_text())["min_lr_ratio"] == 0.5
 
 
 def test_stop_after_pauses_a_run_on_its_full_schedule(tmp_path: Path) -> None:

@@ -87,6 +87,8 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
 @click.option("--device", help="cpu or cuda (default: cuda if available).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="Autocast precision (default bf16 on GPU, fp32 on CPU).")
 @click.option("--lr", type=float, help="Peak learning rate of this run, soup or baseline (overrides the preset).")
+@click.option("--min-lr-ratio", type=float,
+              help="The cosine schedule ends at lr × this (overrides the preset).")
 @click.option("--expert-lr-scale", type=float, help="Experts learn at lr × this (overrides the preset).")
 @click.option("--router-lr-scale", type=float, help="The router φ learns at lr × this (overrides the preset).")
 @click.option("--router-input-scale", type=float,
@@ -101,8 +103,8 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
 def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | None, max_steps: int | None,
           stop_after: int | None, seed: int, checkpoint_every: int | None, sharding: str, baseline: str | None,
           run_name: str | None,
-          device: str | None, precision: str | None, lr: float | None, expert_lr_scale: float | None,
-          router_lr_scale: float | None, router_input_scale: float | None, expert_init_scale: float | None,
+          device: str | None, precision: str | None, lr: float | None, min_lr_ratio: float | None,
+          expert_lr_scale: float | None, router_lr_scale: float | None, router_input_scale: float | None, expert_init_scale: float | None,
           centre_alpha: bool | None,
           batch_size: int | None,
           grad_accum: int | None, support_size: int | None, threads: int | None) -> None:
@@ -116,7 +118,7 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
     if threads:
         torch.set_num_threads(threads)
     p = get_preset(preset)
-    overrides = {k: v for k, v in {"lr": lr, "expert_lr_scale": expert_lr_scale, "router_lr_scale": router_lr_scale,
+    overrides = {k: v for k, v in {"lr": lr, "min_lr_ratio": min_lr_ratio, "expert_lr_scale": expert_lr_scale, "router_lr_scale": router_lr_scale,
                                    "router_input_scale": router_input_scale, "centre_alpha": centre_alpha,
                                    "expert_init_scale": expert_init_scale, "batch_size": batch_size, "grad_accum": grad_accum,
                                    "support_size": support_size, "expert_rank": expert_rank}.items() if v is not None}

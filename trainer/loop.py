@@ -127,6 +127,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                 "max_steps": total_steps, "support_size": preset.support_size, "fixed_h": spec.fixed_h is not None,
                 "batch_size": preset.batch_size, "grad_accum": preset.grad_accum, "seq_len": preset.model.max_seq_len,
                 "world": ctx.world, "sharding": sharding if bank else "ddp", "lr": peak_lr,
+                "min_lr_ratio": preset.min_lr_ratio,
                 "expert_lr_scale": preset.expert_lr_scale, "router_lr_scale": preset.router_lr_scale,
                 "router_input_scale": preset.router_input_scale, "centre_alpha": preset.centre_alpha,
                 "expert_init_scale": preset.expert_init_scale, "storage_dtype": preset.storage_dtype}

@@ -17,7 +17,7 @@ from .shards import DomainShards
 from .state import packed_router
 
 
-TRAINING_SETTINGS = ("lr", "expert_lr_scale", "router_lr_scale", "router_input_scale", "centre_alpha",
+TRAINING_SETTINGS = ("lr", "min_lr_ratio", "expert_lr_scale", "router_lr_scale", "router_input_scale", "centre_alpha",
                      "expert_init_scale", "batch_size", "grad_accum", "seq_len")  # recorded in the provenance
 
 
