@@ -24,8 +24,9 @@ import hashlib
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from .model import init_parameters
 
 ROUTER_NAMES = ("router.fc1.weight", "router.fc1.bias", "router.fc2.weight", "router.fc2.bias")
 MERGE_BLOCK_BYTES = 8 << 20  # working set of one block of a dense merge (about a CPU's last-level cache)
+RELEASE_ROWS = 4  # expert rows read at once by a merge that releases pages (low_memory)
 VERIFY_CHUNK_BYTES = 4 << 20  # bytes hashed between two releases of a tensor's pages
 LOW_MEMORY_ABOVE_BYTES = 1 << 30  # default for `low_memory`: release the pages of archives above this size
 VERIFY_THREADS = max(1, min(2, os.cpu_count() or 1))  # SHA-256 is compute-bound: hash two tensors at once
@@ -117,7 +119,8 @@ def merge_dense(shared: Tensor, bank: Tensor, keep: Sequence[int], alpha: Tensor
     (memory-mapped) bank into one GEMV per block; other consecutive rows are converted
     a block at a time into a buffer of about `block_bytes`; scattered rows are added one
     by one into the block, which stays in cache. When the parameter spans several blocks,
-    `release(view)` is called on each block of `shared` and of every kept row once used.
+    `release(view)` is called on each block of `shared` and of every kept row once used,
+    and rows are then read RELEASE_ROWS at a time so that few of them are mapped at once.
     `scratch` (1-D, `dtype`, on `device`) is used as the conversion buffer when it is large
     enough, so a merge of many parameters allocates (and page-faults) it once.
     """
@@ -146,25 +149,46 @@ def merge_dense(shared: Tensor, bank: Tensor, keep: Sequence[int], alpha: Tensor
         usable = (scratch is not None and scratch.numel() >= size and scratch.dtype == dtype
                   and scratch.device == device)
         buffer = scratch if usable else torch.empty(size, dtype=dtype, device=device)
+    # A large parameter hands back each block's pages once used. The kernel maps page-cache
+    # folios (up to 2 MB) whole, so every row being read keeps up to two of them mapped:
+    # releasing reads a few rows at a time bounds that to RELEASE_ROWS rows, not all n.
+    releasing = release is not None and blocked
+    group = RELEASE_ROWS if releasing else max(count, 1)
     for lo in range(0, numel, width):
         hi = min(lo + width, numel)
         block = flat_out[lo:hi]
-        if direct and count:  # one GEMV straight from the bank rows
-            torch.addmv(flat_s[lo:hi], bank2d[first:first + count, lo:hi].T, alpha, out=block)
-        elif buffer is not None:  # one strided copy converts the block, then one GEMV
+        if direct and count:  # GEMVs straight from the bank rows
+            for g in range(0, count, group):
+                rows = bank2d[first + g:first + min(g + group, count), lo:hi]
+                if g == 0:
+                    torch.addmv(flat_s[lo:hi], rows.T, alpha[:group], out=block)
+                else:
+                    block.addmv_(rows.T, alpha[g:g + group])
+                _release_rows(release if releasing else None, bank2d, range(first + g, first + g + rows.shape[0]),
+                              lo, hi)
+        elif buffer is not None:  # strided copies convert the block, then one GEMV
             rows = buffer[:count * (hi - lo)].view(count, hi - lo)
-            rows.copy_(bank2d[first:first + count, lo:hi])
+            for g in range(0, count, group):
+                rows[g:g + group].copy_(bank2d[first + g:first + min(g + group, count), lo:hi])
+                _release_rows(release if releasing else None, bank2d,
+                              range(first + g, first + min(g + group, count)), lo, hi)
             block.copy_(flat_s[lo:hi])
             block.addmv_(rows.T, alpha)
         else:
             block.copy_(flat_s[lo:hi])
             for c, j in zip(coefficients, keep):
                 block.add_(bank2d[j, lo:hi], alpha=c)
-        if release is not None and blocked:  # a large parameter hands back each block's pages at once
+                _release_rows(release if releasing else None, bank2d, (j,), lo, hi)
+        if releasing:
             release(flat_s[lo:hi])
-            for j in keep:
-                release(bank2d[j, lo:hi])
     return out
+
+
+def _release_rows(release: Callable[[Tensor], None] | None, bank2d: Tensor, rows: Iterable[int],
+                  lo: int, hi: int) -> None:
+    if release is not None:
+        for j in rows:
+            release(bank2d[j, lo:hi])
 
 
 def block_width(count: int, dtype: torch.dtype, block_bytes: int = MERGE_BLOCK_BYTES) -> int:
@@ -191,7 +215,7 @@ class _MappedPages:
 
     _DONTNEED = 4  # MADV_DONTNEED on Linux
     _GRANULE = 2 << 20
-    SMALL_BYTES = 32 << 20  # small tensors are released together, once this much of them was read
+    SMALL_BYTES = 8 << 20  # small tensors are released together, once this much of them was read
 
     def __init__(self, path: Path, enabled: bool = True) -> None:
         self._ranges: list[tuple[int, int]] = []
@@ -244,6 +268,24 @@ class _MappedPages:
                 return
 
 
+@dataclass(frozen=True)
+class _ParameterPlan:
+    """How one parameter of Θ is merged for a given set of kept experts and dtype (made once).
+
+    Planning does the per-parameter bookkeeping (views of the mapped file, block sizes,
+    which path applies) so that a merge of many small parameters costs little more than
+    its GEMVs.
+    """
+
+    name: str
+    shape: torch.Size
+    inputs: tuple[str, ...]  # archive tensors this parameter reads (checked before it is yielded)
+    read_bytes: int  # bytes of the file it touches when it fits in one block
+    rows: Tensor | None  # [count, numel] view of the kept (consecutive) expert rows, when one block holds them
+    shared: Tensor | None  # flat view of S, with `rows`
+    same_dtype: bool  # `rows` and S already have the merge dtype: one GEMV straight from the file
+
+
 def as_domain_weights(h: Any, k: int) -> Tensor:
     """Validate domain weights: k non-negative finite numbers with a positive sum, renormalised."""
     t = torch.as_tensor(np.asarray(h, dtype=np.float64), dtype=torch.float32).flatten()
@@ -280,6 +322,7 @@ class Soup:
         self._verified: set[str] = set()  # tensors whose checksum this Soup has checked
         self._pages: _MappedPages | None = None
         self._views: dict[str, Tensor] = {}  # read-only views of the mapped file, made once
+        self._plans: dict[tuple[tuple[int, ...], torch.dtype], list[_ParameterPlan]] = {}
         self._router = {name: archive.tensor(name).to(self.device, torch.float32) for name in ROUTER_NAMES}
 
     def _check_tensor_set(self) -> None:
@@ -413,26 +456,58 @@ class Soup:
         """
         keep = list(keep)
         a_keep = a_keep.to(self.device, dtype)
-        shapes = self.config.model.parameter_shapes()
-        inputs = {name: self._input_names(name, keep) for name in shapes}
-        pending = [x for names in inputs.values() for x in names if x not in self._verified]
+        plan = self._plan(keep, dtype)
+        pending = [x for p in plan for x in p.inputs if x not in self._verified]
         pool = ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="soe-verify") if pending else None
         # one conversion buffer for the whole merge (untouched, so free, when nothing needs converting)
         scratch = torch.empty(MERGE_BLOCK_BYTES // torch.empty(0, dtype=dtype).element_size(), dtype=dtype,
                               device=self.device)
         checks: dict[str, Future] = {x: pool.submit(self._verify, x) for x in pending} if pool else {}
+        pages = self._release_pages()
         try:
             with torch.no_grad():
-                for name in shapes:
-                    theta = self._merge(name, a_keep, keep, dtype, scratch)
-                    for x in inputs[name]:
-                        if x in checks:
-                            checks[x].result()  # re-raises a checksum mismatch
-                    yield name, theta
+                for p in plan:
+                    theta = self._merge(p, a_keep, keep, dtype, scratch, pages)
+                    if checks:
+                        for x in p.inputs:
+                            if x in checks:
+                                checks[x].result()  # re-raises a checksum mismatch
+                    yield p.name, theta
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-            self._release_pages().release_all()
+            pages.release_all()
+
+    def _plan(self, keep: list[int], dtype: torch.dtype) -> list[_ParameterPlan]:
+        """The per-parameter merge plan for these kept experts and dtype (cached: α changes, plans do not)."""
+        key = (tuple(keep), dtype)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = [self._plan_parameter(name, shape, keep, dtype)
+                                       for name, shape in self.config.model.parameter_shapes().items()]
+        return plan
+
+    def _plan_parameter(self, name: str, shape: tuple[int, ...], keep: list[int],
+                        dtype: torch.dtype) -> _ParameterPlan:
+        inputs = tuple(self._input_names(name, keep))
+        dense = f"experts.{name}"
+        rows = flat_s = None
+        same = False
+        read = 0
+        consecutive = bool(keep) and keep == list(range(keep[0], keep[0] + len(keep)))
+        if consecutive and dense in self.archive and self.device.type == "cpu":
+            shared = self._view(f"shared.{name}")
+            numel = shared.numel()
+            if numel <= block_width(len(keep), dtype):  # fits one block: merged in one or two calls
+                bank = self._view(dense)
+                rows = bank.reshape(bank.shape[0], numel)[keep[0]:keep[-1] + 1]
+                flat_s = shared.reshape(numel)
+                same = rows.dtype == dtype and flat_s.dtype == dtype
+                if not same and rows.numel() * torch.empty(0, dtype=dtype).element_size() > MERGE_BLOCK_BYTES:
+                    rows = flat_s = None  # more rows than the scratch buffer holds: the blocked path
+                else:
+                    read = flat_s.numel() * flat_s.element_size() + rows.numel() * rows.element_size()
+        return _ParameterPlan(name, torch.Size(shape), inputs, read, rows, flat_s, same)
 
     def _input_names(self, name: str, keep: Sequence[int]) -> list[str]:
         names = [f"shared.{name}"]
@@ -441,8 +516,21 @@ class Soup:
             names += [dense] if dense in self.archive else [f"{dense}.A", f"{dense}.B"]
         return names
 
-    def _merge(self, name: str, a_keep: Tensor, keep: list[int], dtype: torch.dtype, scratch: Tensor) -> Tensor:
-        pages = self._release_pages()
+    def _merge(self, plan: _ParameterPlan, a_keep: Tensor, keep: list[int], dtype: torch.dtype, scratch: Tensor,
+               pages: _MappedPages) -> Tensor:
+        if plan.rows is not None:  # one block of consecutive experts on the CPU
+            if plan.same_dtype:  # one GEMV straight from the mapped file
+                theta = torch.addmv(plan.shared, plan.rows.T, a_keep)
+            else:  # convert the rows into the scratch buffer (in cache), then one GEMV
+                count, numel = plan.rows.shape
+                rows = scratch[:count * numel].view(count, numel)
+                rows.copy_(plan.rows)
+                theta = torch.empty(numel, dtype=dtype)
+                theta.copy_(plan.shared)
+                theta.addmv_(rows.T, a_keep)
+            pages.small(plan.read_bytes)
+            return theta.view(plan.shape)
+        name = plan.name
         shared = self._view(f"shared.{name}")
         if keep and f"experts.{name}" in self.archive:
             bank = self._view(f"experts.{name}")

@@ -156,6 +156,25 @@ def test_instantiate_matches_the_plain_merge_for_stored_half_precision(tmp_path:
         torch.testing.assert_close(theta[name], expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("storage", [torch.float32, torch.float16])
+def test_merge_plans_are_reused_across_alphas_and_dtypes(tmp_path: Path, storage: torch.dtype) -> None:
+    path = tmp_path / "soup.soe"
+    write_tiny_soup(path, n=5, storage_dtype=storage)
+    soup = soe_sdk.load(path)
+    alphas = [torch.tensor([0.4, -0.2, 0.7, 0.3, 1.1]), torch.tensor([0.0, 0.5, -0.7, 0.2, 0.0]),
+              torch.tensor([-0.9, 0.0, 0.3, 0.0, 0.6]), torch.tensor([0.4, -0.2, 0.7, 0.3, 1.1]) * 3]
+    for dtype in (torch.float32, torch.float64):
+        for alpha in alphas:  # consecutive experts (one GEMV or convert-then-GEMV) and scattered ones
+            theta = soup.instantiate(alpha, dtype=dtype)
+            for name in soup.model_config.parameter_shapes():
+                bank = soup.archive.tensor(f"experts.{name}").to(torch.float64)
+                expected = combine_parameter(soup.archive.tensor(f"shared.{name}").to(torch.float64), bank,
+                                             alpha.to(torch.float64))
+                assert theta[name].dtype == dtype
+                torch.testing.assert_close(theta[name].to(torch.float64), expected, rtol=1e-5, atol=1e-6)
+    assert len(soup._plans) == 2 * 3  # one plan per (kept experts, dtype), whatever the α values
+
+
 def test_theta_owns_its_memory(tiny_soup_path: Path) -> None:
     soup = soe_sdk.load(tiny_soup_path)
     for alpha in (torch.zeros(soup.n), torch.ones(soup.n)):
