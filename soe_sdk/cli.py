@@ -132,7 +132,8 @@ def _export_with_report(spec, fmt: str, out: Path) -> None:
               help="Soup archive (.soe); default: the bundled demo soup. Repeat to let the documents pick the best "
                    "of several archives (e.g. domain-expert baselines).")
 @click.option("--refine", is_flag=True, help="Tune α by gradient descent on the documents (early-stopped).")
-@click.option("--finetune-tokens", type=int, help="Then fine-tune all parameters on up to N tokens of the documents.")
+@click.option("--finetune-tokens", type=int, help="Then fine-tune all parameters on up to N tokens of the documents "
+                   "(4 learning rates tried, the best on a held-out slice kept).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where to embed, merge and refine (default: cpu).")
 @click.option("--max-docs", type=int, help="Use at most N chunks of the documents.")
 @click.option("--max-embedded-chunks", default=256, show_default=True, type=int,

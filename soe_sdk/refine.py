@@ -4,13 +4,16 @@
   starting from φ(h), with Adam; early stopping on held-out windows. The best α seen on
   the held-out windows is returned, and φ(h) itself counts as a candidate, so refinement
   never ends with a higher validation loss than it started with.
-- `finetune`: all parameters of the instantiated Θ, same early stopping, within a token budget.
+- `finetune`: all parameters of the instantiated Θ, same early stopping, within a token budget;
+  by default several learning rates are tried from the same start and the one with the best
+  held-out loss is kept (a soup's Θ and a plain model's want different rates: a merged Θ has
+  larger weights, so the same step changes it relatively less).
 """
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +36,8 @@ class FitResult:
     seconds: float
     stopped: str  # "early-stop", "step budget", "time budget", "token budget", "diverged", "no data"
     history: list[dict[str, float]] = field(default_factory=list)
+    lr: float | None = None  # the learning rate kept, when several were tried
+    tried: dict[float, float] = field(default_factory=dict)  # learning rate → best held-out loss it reached
 
     @property
     def fell_back(self) -> bool:
@@ -135,11 +140,43 @@ def refine_alpha(soup: Soup, alpha0: Tensor, train: Tensor, val: Tensor, *, max_
     return best.cpu(), result
 
 
+FINETUNE_LRS = (1e-4, 3e-4, 1e-3, 3e-3)  # tried by `finetune` unless told otherwise
+
+
 def finetune(params: dict[str, Tensor], config: ModelConfig, train: Tensor, val: Tensor, *, max_tokens: int,
-             lr: float = 3e-4, batch_size: int = 8, eval_every: int = 10, patience: int = 3, seed: int = 0,
-             max_seconds: float | None = None, progress: bool = False) -> tuple[dict[str, Tensor], FitResult]:
+             lr: float | Sequence[float] = FINETUNE_LRS, batch_size: int = 8, eval_every: int = 10,
+             patience: int = 3, seed: int = 0, max_seconds: float | None = None,
+             progress: bool = False) -> tuple[dict[str, Tensor], FitResult]:
     """Fine-tune every parameter with AdamW for at most `max_tokens` training tokens;
-    returns (the parameters with the best held-out loss, what happened)."""
+    returns (the parameters with the best held-out loss, what happened).
+
+    With several learning rates (the default), each runs from the same start with the same
+    batches and early stopping (`max_seconds` is per rate), and the one whose best held-out
+    loss is lowest wins; `FitResult.lr` names it and `FitResult.tried` lists them all.
+    """
+    rates = [float(lr)] if isinstance(lr, (int, float)) else [float(x) for x in lr]
+    if not rates:
+        raise ValueError("finetune: give at least one learning rate")
+    best: tuple[dict[str, Tensor], FitResult] | None = None
+    tried: dict[float, float] = {}
+    for rate in rates:
+        tuned, fit = _finetune_at(params, config, train, val, max_tokens=max_tokens, lr=rate,
+                                  batch_size=batch_size, eval_every=eval_every, patience=patience, seed=seed,
+                                  max_seconds=max_seconds, progress=progress)
+        fit.lr = rate
+        tried[rate] = fit.val_after
+        if best is None or fit.val_after < best[1].val_after:  # ties keep the earlier (lower) rate
+            best = (tuned, fit)
+        if fit.stopped == "no data":  # nothing to fit: every rate would say the same
+            break
+    tuned, fit = best
+    fit.tried = tried
+    return tuned, fit
+
+
+def _finetune_at(params: dict[str, Tensor], config: ModelConfig, train: Tensor, val: Tensor, *, max_tokens: int,
+                 lr: float, batch_size: int, eval_every: int, patience: int, seed: int, max_seconds: float | None,
+                 progress: bool) -> tuple[dict[str, Tensor], FitResult]:
     theta = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     evaluate = lambda: _val_loss(theta, config, val)  # noqa: E731
     before = evaluate() if len(val) else math.nan
@@ -159,4 +196,5 @@ def finetune(params: dict[str, Tensor], config: ModelConfig, train: Tensor, val:
     steps_budget = max(1, max_tokens // (batch_size * (train.shape[1] - 1)))
     return _early_stopped(step_once, evaluate, lambda: {k: v.detach().clone() for k, v in theta.items()},
                           before=before, max_steps=steps_budget, max_seconds=max_seconds, eval_every=eval_every,
-                          patience=patience, budget="token budget", desc="fine-tuning", progress=progress)
+                          patience=patience, budget="token budget", desc=f"fine-tuning (lr {lr:g})",
+                          progress=progress)

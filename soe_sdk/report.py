@@ -17,7 +17,8 @@ def report_dict(spec: Specialist, *, export: dict[str, Any] | None = None) -> di
     out = spec.card()
     out["timings_s"] = {k: round(v, 3) for k, v in spec.timings.items()}
     out["fits"] = {name: {"val_before": fit.val_before, "val_after": fit.val_after, "steps": fit.steps,
-                          "seconds": round(fit.seconds, 2), "stopped": fit.stopped, "history": fit.history}
+                          "seconds": round(fit.seconds, 2), "stopped": fit.stopped, "history": fit.history,
+                          **({"lr": fit.lr, "tried": {str(k): v for k, v in fit.tried.items()}} if fit.tried else {})}
                    for name, fit in spec.fits.items()}
     if export:
         out["export"] = export
@@ -37,8 +38,9 @@ def summary_text(spec: Specialist) -> str:
              f"domains    {domains}",
              f"alpha      [{alpha}]" if spec.alpha.numel() else "alpha      (plain model: no experts)"]
     for name, fit in spec.fits.items():
+        rate = f", lr {fit.lr:g} of {len(fit.tried)} tried" if len(fit.tried) > 1 else ""
         lines.append(f"{name:<10} held-out loss {fit.val_before:.3f} → {fit.val_after:.3f} "
-                     f"({fit.steps} steps, {fit.seconds:.1f}s, {fit.stopped})")
+                     f"({fit.steps} steps, {fit.seconds:.1f}s, {fit.stopped}{rate})")
     losses = spec.losses
     if losses.get("candidates"):
         lines.append("candidates " + ", ".join(f"{name} {loss:.3f}" for name, loss in losses["candidates"].items())

@@ -129,7 +129,8 @@ def specialize(docs: str | Path | list[str] | DocumentSet, soup: SoupLike | list
     (paper Algorithm 3; `assignment="soft"` uses a softmax over distances instead), α = φ(h);
     `refine=True` then tunes α by gradient descent on the documents and `finetune=N` tunes
     all parameters on up to N tokens, both with early stopping on a held-out slice of the
-    chunks. The same inputs and seed give the same specialist.
+    chunks (fine-tuning tries four learning rates and keeps the best on that slice). The
+    same inputs and seed give the same specialist.
 
     `soup` may also be a list of archives (e.g. the "domain experts" baseline: one plain
     model per pretraining cluster); each is instantiated for the documents and the one with

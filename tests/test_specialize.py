@@ -14,7 +14,7 @@ import soe_sdk
 from soe_sdk.config import EmbedderSpec, RouterConfig, SoupConfig
 from soe_sdk.embedding import Embedder
 from soe_sdk.errors import SoeError
-from soe_sdk.refine import refine_alpha
+from soe_sdk.refine import _val_loss, finetune, refine_alpha
 from soe_sdk.soup import write_soup
 from soe_sdk.specialist import specialize
 from soe_sdk.tokens import split_heldout, windows
@@ -80,6 +80,28 @@ def test_refinement_never_ends_worse_than_it_started(soup_path: Path) -> None:
         assert np.isfinite(alpha.numpy()).all()
 
 
+def test_finetuning_keeps_the_learning_rate_with_the_best_held_out_loss(soup_path: Path) -> None:
+    soup = soe_sdk.load(soup_path)
+    texts, _ = domain_documents(8, seed=5)
+    train_texts, val_texts = split_heldout(texts, 0.25)
+    tok = soup.tokenizer()
+    train, val = windows(tok, train_texts, TINY_MODEL.max_seq_len), windows(tok, val_texts, TINY_MODEL.max_seq_len)
+    start = soup.instantiate(soup.coefficients([0.25] * 4))
+    rates = (1e-4, 3e-3, 10.0)  # too small, sane, wild
+    tuned, fit = finetune(start, TINY_MODEL, train, val, max_tokens=4000, lr=rates, eval_every=2)
+    assert set(fit.tried) == set(rates)
+    assert fit.val_after == min(fit.tried.values()) and fit.tried[fit.lr] == fit.val_after
+    assert fit.val_after <= fit.val_before and fit.tried[3e-3] < fit.val_before  # a sane rate does learn
+    assert _val_loss(tuned, TINY_MODEL, val) == pytest.approx(fit.val_after)  # what is returned is what won
+    for name, value in start.items():  # the starting Θ is left alone
+        assert torch.equal(value, soup.instantiate(soup.coefficients([0.25] * 4))[name])
+    one, single = finetune(start, TINY_MODEL, train, val, max_tokens=4000, lr=3e-3, eval_every=2)
+    assert single.lr == 3e-3 and single.val_after == fit.tried[3e-3]  # same batches whatever else is tried
+    for name in one:
+        if fit.lr == 3e-3:
+            assert torch.equal(one[name], tuned[name])
+
+
 def _export(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "soe_sdk.cli", "export", "--quiet", *args],
                           capture_output=True, text=True)
@@ -105,6 +127,19 @@ def test_soe_export_writes_the_folder_contract(soup_path: Path, tmp_path: Path) 
     assert card["soup_sha256"] == soe_sdk.load(soup_path).archive.file_sha256()
     report = json.loads((out / "report.json").read_text())
     assert {"read", "embed", "assign", "merge", "export"} <= set(report["timings_s"])
+
+
+def test_soe_export_finetunes_and_reports_the_learning_rate(soup_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = _export("--docs", str(_docs_folder(tmp_path / "docs", 1)), "--format", "safetensors", "--out", str(out),
+                     "--soup", str(soup_path), "--finetune-tokens", "3000")
+    assert result.returncode == 0, result.stderr
+    card = json.loads((out / "specialist.json").read_text())
+    assert card["finetuned"] is True
+    fit = json.loads((out / "report.json").read_text())["fits"]["finetune"]
+    assert len(fit["tried"]) == 4 and fit["val_after"] == min(fit["tried"].values()) <= fit["val_before"]
+    assert fit["tried"][str(fit["lr"])] == fit["val_after"]
+    assert f"lr {fit['lr']:g} of 4 tried" in result.stdout
 
 
 @pytest.mark.parametrize("case", ["no-docs", "empty-docs", "missing-soup", "unwritable-out", "bad-format"])
