@@ -67,12 +67,17 @@ def test_specialist_api(soup_path: Path, tmp_path: Path) -> None:
         assert torch.equal(spec.params[name], again.params[name])
 
 
-def test_refinement_never_ends_worse_than_it_started(soup_path: Path) -> None:
-    soup = soe_sdk.load(soup_path)
-    texts, _ = domain_documents(8, seed=4)
+def _train_val_windows(soup: soe_sdk.Soup, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and held-out token windows of mixed-domain test documents."""
+    texts, _ = domain_documents(8, seed=seed)
     train_texts, val_texts = split_heldout(texts, 0.25)
     tok = soup.tokenizer()
-    train, val = windows(tok, train_texts, TINY_MODEL.max_seq_len), windows(tok, val_texts, TINY_MODEL.max_seq_len)
+    return windows(tok, train_texts, TINY_MODEL.max_seq_len), windows(tok, val_texts, TINY_MODEL.max_seq_len)
+
+
+def test_refinement_never_ends_worse_than_it_started(soup_path: Path) -> None:
+    soup = soe_sdk.load(soup_path)
+    train, val = _train_val_windows(soup, seed=4)
     alpha0 = soup.coefficients([0.25] * 4)
     for lr in (0.05, 5.0):  # a sane and a wild learning rate
         alpha, fit = refine_alpha(soup, alpha0, train, val, max_steps=20, lr=lr, eval_every=2)
@@ -82,10 +87,7 @@ def test_refinement_never_ends_worse_than_it_started(soup_path: Path) -> None:
 
 def test_finetuning_keeps_the_learning_rate_with_the_best_held_out_loss(soup_path: Path) -> None:
     soup = soe_sdk.load(soup_path)
-    texts, _ = domain_documents(8, seed=5)
-    train_texts, val_texts = split_heldout(texts, 0.25)
-    tok = soup.tokenizer()
-    train, val = windows(tok, train_texts, TINY_MODEL.max_seq_len), windows(tok, val_texts, TINY_MODEL.max_seq_len)
+    train, val = _train_val_windows(soup, seed=5)
     start = soup.instantiate(soup.coefficients([0.25] * 4))
     rates = (1e-4, 3e-3, 10.0)  # too small, sane, wild
     tuned, fit = finetune(start, TINY_MODEL, train, val, max_tokens=4000, lr=rates, eval_every=2)
