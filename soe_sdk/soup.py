@@ -43,6 +43,7 @@ from .model import init_parameters
 ROUTER_NAMES = ("router.fc1.weight", "router.fc1.bias", "router.fc2.weight", "router.fc2.bias")
 MERGE_BLOCK_BYTES = 8 << 20  # working set of one block of a dense merge (about a CPU's last-level cache)
 RELEASE_ROWS = 4  # expert rows read at once by a merge that releases pages (low_memory)
+MERGE_PLANS_KEPT = 8  # merge plans a Soup caches (one per set of kept experts and dtype), newest kept
 VERIFY_CHUNK_BYTES = 4 << 20  # bytes hashed between two releases of a tensor's pages
 LOW_MEMORY_ABOVE_BYTES = 1 << 30  # default for `low_memory`: release the pages of archives above this size
 VERIFY_THREADS = max(1, min(2, os.cpu_count() or 1))  # SHA-256 is compute-bound: hash two tensors at once
@@ -460,8 +461,7 @@ class Soup:
         pending = [x for p in plan for x in p.inputs if x not in self._verified]
         pool = ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="soe-verify") if pending else None
         # one conversion buffer for the whole merge (untouched, so free, when nothing needs converting)
-        scratch = torch.empty(MERGE_BLOCK_BYTES // torch.empty(0, dtype=dtype).element_size(), dtype=dtype,
-                              device=self.device)
+        scratch = torch.empty(MERGE_BLOCK_BYTES // _itemsize(dtype), dtype=dtype, device=self.device)
         checks: dict[str, Future] = {x: pool.submit(self._verify, x) for x in pending} if pool else {}
         pages = self._release_pages()
         try:
@@ -481,10 +481,13 @@ class Soup:
     def _plan(self, keep: list[int], dtype: torch.dtype) -> list[_ParameterPlan]:
         """The per-parameter merge plan for these kept experts and dtype (cached: α changes, plans do not)."""
         key = (tuple(keep), dtype)
-        plan = self._plans.get(key)
+        plan = self._plans.pop(key, None)
         if plan is None:
-            plan = self._plans[key] = [self._plan_parameter(name, shape, keep, dtype)
-                                       for name, shape in self.config.model.parameter_shapes().items()]
+            plan = [self._plan_parameter(name, shape, keep, dtype)
+                    for name, shape in self.config.model.parameter_shapes().items()]
+        self._plans[key] = plan  # re-inserted: the dict's order is least recently used first
+        while len(self._plans) > MERGE_PLANS_KEPT:  # tolerances can make many keep-sets: stay small
+            del self._plans[next(iter(self._plans))]
         return plan
 
     def _plan_parameter(self, name: str, shape: tuple[int, ...], keep: list[int],
@@ -503,7 +506,7 @@ class Soup:
                 rows = bank.reshape(bank.shape[0], numel)[keep[0]:keep[-1] + 1]
                 flat_s = shared.reshape(numel)
                 same = rows.dtype == dtype and flat_s.dtype == dtype
-                if not same and rows.numel() * torch.empty(0, dtype=dtype).element_size() > MERGE_BLOCK_BYTES:
+                if not same and rows.numel() * _itemsize(dtype) > MERGE_BLOCK_BYTES:
                     rows = flat_s = None  # more rows than the scratch buffer holds: the blocked path
                 else:
                     read = flat_s.numel() * flat_s.element_size() + rows.numel() * rows.element_size()
@@ -607,6 +610,10 @@ class Soup:
         if not torch.isfinite(a).all():
             raise SoeError("α contains NaN or infinite values")
         return a
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
 
 
 def _take(bank: Tensor, idx: list[int]) -> Tensor:

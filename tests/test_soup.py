@@ -12,7 +12,7 @@ import torch
 import soe_sdk
 from soe_sdk.errors import SoeError
 from soe_sdk.model import forward
-from soe_sdk.soup import block_width, combine_parameter, merge_dense
+from soe_sdk.soup import MERGE_PLANS_KEPT, block_width, combine_parameter, merge_dense
 
 from .conftest import write_tiny_soup
 
@@ -173,6 +173,15 @@ def test_merge_plans_are_reused_across_alphas_and_dtypes(tmp_path: Path, storage
                 assert theta[name].dtype == dtype
                 torch.testing.assert_close(theta[name].to(torch.float64), expected, rtol=1e-5, atol=1e-6)
     assert len(soup._plans) == 2 * 3  # one plan per (kept experts, dtype), whatever the α values
+    for j in range(5):  # many different keep-sets: the cache stays bounded, results stay right
+        alpha = torch.zeros(5)
+        alpha[j] = 0.5
+        theta = soup.instantiate(alpha)
+        name = "h.0.mlp.fc.weight"
+        shared, bank = (soup.archive.tensor(f"{part}.{name}").double() for part in ("shared", "experts"))
+        expected = shared + 0.5 * bank[j]
+        torch.testing.assert_close(theta[name].double(), expected, rtol=1e-5, atol=1e-6)
+    assert len(soup._plans) == MERGE_PLANS_KEPT
 
 
 def test_theta_owns_its_memory(tiny_soup_path: Path) -> None:

@@ -104,7 +104,8 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
           stop_after: int | None, seed: int, checkpoint_every: int | None, sharding: str, baseline: str | None,
           run_name: str | None,
           device: str | None, precision: str | None, lr: float | None, min_lr_ratio: float | None,
-          expert_lr_scale: float | None, router_lr_scale: float | None, router_input_scale: float | None, expert_init_scale: float | None,
+          expert_lr_scale: float | None, router_lr_scale: float | None, router_input_scale: float | None,
+          expert_init_scale: float | None,
           centre_alpha: bool | None,
           batch_size: int | None,
           grad_accum: int | None, support_size: int | None, threads: int | None) -> None:
@@ -118,7 +119,8 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
     if threads:
         torch.set_num_threads(threads)
     p = get_preset(preset)
-    overrides = {k: v for k, v in {"lr": lr, "min_lr_ratio": min_lr_ratio, "expert_lr_scale": expert_lr_scale, "router_lr_scale": router_lr_scale,
+    overrides = {k: v for k, v in {"lr": lr, "min_lr_ratio": min_lr_ratio, "expert_lr_scale": expert_lr_scale,
+                                   "router_lr_scale": router_lr_scale,
                                    "router_input_scale": router_input_scale, "centre_alpha": centre_alpha,
                                    "expert_init_scale": expert_init_scale, "batch_size": batch_size, "grad_accum": grad_accum,
                                    "support_size": support_size, "expert_rank": expert_rank}.items() if v is not None}
