@@ -39,7 +39,8 @@ def _human(count: float) -> str:
 def _meta_dist(prov: dict) -> str:
     dist = prov.get("meta_distribution")
     if isinstance(dist, dict) and dist.get("s"):
-        return f"h ~ π with support s={dist['s']}"
+        chosen = " (domains ∝ h_generic)" if dist.get("choice") == "natural" else ""
+        return f"h ~ π with support s={dist['s']}{chosen}"
     return "fixed h (a plain model)"
 
 

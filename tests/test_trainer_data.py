@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from soe_sdk.errors import SoeError
 from trainer.corpus import corpus_files, iter_documents
-from trainer.sampling import meta_distribution, sample_batch, sample_batch_with_domains, usable_domains
+from trainer.sampling import meta_distribution, neighbourhoods, sample_batch, sample_batch_with_domains, usable_domains
 from trainer.shards import DomainShards, token_dtype, write_domain_shards, write_token_file
 from trainer.tokenizer import EOT, EOT_ID, load_tokenizer, train_tokenizer
 
@@ -362,6 +362,45 @@ def test_meta_distribution_draws_sparse_histograms():
     assert np.count_nonzero(h) == 5
     with pytest.raises(SoeError, match="support size s=3"):
         meta_distribution(4, 3, rng, usable=np.array([True, False, True, False]))
+
+
+def test_meta_distribution_natural_choice_follows_domain_weights():
+    rng = np.random.default_rng(1)
+    k, s = 8, 2
+    weights = np.array([0.5, 0.2, 0.1, 0.1, 0.05, 0.05, 0.0, 0.0])
+    seen = np.zeros(k, dtype=int)
+    for _ in range(2000):
+        h = meta_distribution(k, s, rng, domain_weights=weights)
+        assert np.count_nonzero(h) == s and h.sum() == pytest.approx(1.0, abs=1e-12)
+        seen += h > 0
+    assert seen[6] == seen[7] == 0  # weightless domains are never drawn
+    assert seen[0] > seen[1] > seen[2] > seen[4]  # the biggest domains are drawn most often
+    assert seen[0] / 2000 > 0.7  # P(domain 0 among 2 of 6 draws ∝ weight) ≈ 0.8
+    with pytest.raises(SoeError, match="only 1 usable domains have weight"):
+        meta_distribution(4, 2, rng, domain_weights=np.array([1.0, 0.0, 0.0, 0.0]))
+
+
+def test_neighbourhood_draws_stay_among_similar_domains():
+    rng = np.random.default_rng(2)
+    # two groups of four domains each, far apart: a neighbourhood of 4 never crosses groups
+    base = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    centroids = np.repeat(base, 4, axis=0) + 0.01 * rng.standard_normal((8, 3))
+    near = neighbourhoods(centroids, 4)
+    assert near.shape == (8, 4) and np.all(near[:, 0] == np.arange(8))
+    assert all(set(near[d]) == set(range(4 * (d // 4), 4 * (d // 4) + 4)) for d in range(8))
+    anchors = np.zeros(8, dtype=int)
+    for _ in range(400):
+        h = meta_distribution(8, 3, rng, neighbours=near)
+        chosen = np.flatnonzero(h)
+        assert len(chosen) == 3 and h.sum() == pytest.approx(1.0, abs=1e-12)
+        assert len({d // 4 for d in chosen}) == 1
+        anchors[chosen] += 1
+    assert np.all(anchors > 0)
+    usable = np.ones(8, dtype=bool)
+    usable[[1, 2]] = False  # domain 0's neighbourhood keeps only one usable neighbour
+    with pytest.raises(SoeError, match="only 1 usable neighbours"):
+        for _ in range(200):
+            meta_distribution(8, 3, rng, usable=usable, neighbours=near)
 
 
 # ------------------------------------------------------------------ the prepare pipeline

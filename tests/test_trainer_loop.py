@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import soe_sdk
+from soe_sdk.errors import SoeError
 from trainer.loop import train
 from trainer.optim import lr_at
 from trainer.presets import get_preset
@@ -51,6 +52,21 @@ def test_tiny_soup_learns_and_packs(tmp_path: Path) -> None:
     soup = soe_sdk.load(tmp_path / "tiny.soe")
     assert soup.n == TINY.experts and soup.k == 4
     assert soup.metadata["provenance"]["steps"] == 40
+
+
+def test_neighbourhood_meta_distribution_trains_and_is_recorded(tmp_path: Path) -> None:
+    work = make_workdir(tmp_path / "work")  # k = 4 domains
+    preset = TINY.replace(max_steps=6, support_size=2, support_choice="neighbours", neighbour_share=1.0)
+    run_dir = train(work, preset, progress=False)
+    assert len(_losses(run_dir)) == 6
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["support_choice"] == "neighbours" and run["neighbour_share"] == 1.0
+    from trainer.pack import pack
+    pack(work, tmp_path / "n.soe")
+    dist = soe_sdk.load(tmp_path / "n.soe").metadata["provenance"]["meta_distribution"]
+    assert dist == {"kind": "support", "s": 2, "choice": "neighbours", "neighbour_share": 1.0}
+    with pytest.raises(SoeError, match="neighbour_share"):  # resuming with another π is refused
+        train(work, preset.replace(max_steps=8, neighbour_share=0.5), progress=False)
 
 
 def test_router_input_scale_and_centring_are_folded_into_the_packed_router(tmp_path: Path) -> None:

@@ -99,6 +99,10 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
 @click.option("--batch-size", type=int, help="Sequences per micro-batch (overrides the preset).")
 @click.option("--grad-accum", type=int, help="Micro-batches, each with its own h, per optimizer step.")
 @click.option("--support-size", type=int, help="s: domains per draw of the meta-distribution.")
+@click.option("--support-choice", type=click.Choice(["uniform", "natural", "neighbours"]),
+              help="How π picks its s domains: uniformly, in proportion to h_generic, or as neighbourhoods "
+                   "(an anchor domain and s − 1 of its 2s nearest) for --neighbour-share of the draws.")
+@click.option("--neighbour-share", type=float, help="With --support-choice neighbours: share of neighbourhood draws.")
 @click.option("--threads", type=int, help="torch CPU threads.")
 def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | None, max_steps: int | None,
           stop_after: int | None, seed: int, checkpoint_every: int | None, sharding: str, baseline: str | None,
@@ -108,7 +112,8 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
           expert_init_scale: float | None,
           centre_alpha: bool | None,
           batch_size: int | None,
-          grad_accum: int | None, support_size: int | None, threads: int | None) -> None:
+          grad_accum: int | None, support_size: int | None, support_choice: str | None,
+          neighbour_share: float | None, threads: int | None) -> None:
     """Train (or resume) a soup or a baseline; resumes from WORKDIR/runs/RUN's last checkpoint."""
     import torch
 
@@ -123,7 +128,9 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
                                    "router_lr_scale": router_lr_scale,
                                    "router_input_scale": router_input_scale, "centre_alpha": centre_alpha,
                                    "expert_init_scale": expert_init_scale, "batch_size": batch_size, "grad_accum": grad_accum,
-                                   "support_size": support_size, "expert_rank": expert_rank}.items() if v is not None}
+                                   "support_size": support_size, "support_choice": support_choice,
+                                   "neighbour_share": neighbour_share,
+                                   "expert_rank": expert_rank}.items() if v is not None}
     if lr is not None:
         overrides["baseline_lr"] = lr
     p = p.replace(**overrides)

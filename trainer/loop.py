@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ from .evaluate import load_eval_sets, windows_loss
 from .layout import SoupLayout
 from .optim import ExpertGrad, lr_at
 from .presets import Preset
-from .sampling import meta_distribution, sample_batch, usable_domains
+from .sampling import meta_distribution, neighbourhoods, sample_batch, usable_domains
 from .shards import DomainShards
 from .state import SoupState
 
@@ -124,7 +125,9 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
         state.load_tensors({k: v.to(ctx.device) for k, v in tensors.items()}, saved["optimizer_steps"])
         start = resumed
     run_meta = {"run": spec.name, "preset": preset.name, "soup_config": config.to_dict(), "seed": seed,
-                "max_steps": total_steps, "support_size": preset.support_size, "fixed_h": spec.fixed_h is not None,
+                "max_steps": total_steps, "support_size": preset.support_size,
+                "support_choice": preset.support_choice, "neighbour_share": preset.neighbour_share,
+                "fixed_h": spec.fixed_h is not None,
                 "batch_size": preset.batch_size, "grad_accum": preset.grad_accum, "seq_len": preset.model.max_seq_len,
                 "world": ctx.world, "sharding": sharding if bank else "ddp", "lr": peak_lr,
                 "min_lr_ratio": preset.min_lr_ratio,
@@ -140,6 +143,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
     micro_total = preset.grad_accum * (1 if bank else ctx.world)
     seq = preset.model.max_seq_len
     usable = usable_domains(shards, seq)
+    draw_h = _meta_sampler(preset, shards, workdir, usable)
     tokens_per_step = micro_total * preset.batch_size * seq
     end = total_steps if stop_after is None else min(total_steps, start + stop_after)
     bar = tqdm(total=end, initial=start, desc=f"train {spec.name}", disable=not (progress and ctx.is_main),
@@ -154,7 +158,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                 continue
             rng = _micro_rng(seed, step, micro)
             h = np.asarray(spec.fixed_h) if spec.fixed_h is not None else \
-                meta_distribution(shards.k, preset.support_size, rng, usable=usable)
+                draw_h(rng)
             batch = sample_batch(shards, h, preset.batch_size, seq, rng)
             if bank:
                 rows = np.array_split(np.arange(preset.batch_size), ctx.world)[ctx.rank]
@@ -208,6 +212,24 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
     return run_dir
 
 
+def _meta_sampler(preset: Preset, shards: DomainShards, workdir: Path,
+                  usable: np.ndarray) -> Callable[[np.random.Generator], np.ndarray]:
+    """h ~ π as the preset's support choice defines it (a function of the micro-batch's rng)."""
+    k, s, choice = shards.k, preset.support_size, preset.support_choice
+    if choice == "uniform":
+        return lambda rng: meta_distribution(k, s, rng, usable=usable)
+    if choice == "natural":
+        return lambda rng: meta_distribution(k, s, rng, usable=usable, domain_weights=shards.h_generic)
+    if choice == "neighbours":
+        if not 0.0 <= preset.neighbour_share <= 1.0:
+            raise SoeError(f"--neighbour-share {preset.neighbour_share}: must be between 0 and 1")
+        near = neighbourhoods(np.load(workdir / "centroids.npy"), 2 * s)
+        share = preset.neighbour_share
+        return lambda rng: (meta_distribution(k, s, rng, usable=usable, neighbours=near) if rng.random() < share
+                            else meta_distribution(k, s, rng, usable=usable))
+    raise SoeError(f"--support-choice {choice!r}: use uniform, natural or neighbours")
+
+
 def _fault_injection_hook(rank: int, step: int) -> None:
     """Test hook: SOE_TEST_KILL_RANK_AT_STEP=RANK:STEP makes that rank exit abruptly as it starts
     that step, as a crashed node would (tests/robustness/test_distributed.py)."""
@@ -232,7 +254,8 @@ def _check_same_run(saved: dict[str, Any], config: SoupConfig, sharding: str, wo
         raise SoeError(f"{run_dir}: the checkpoint was trained with another configuration; "
                        "use another run name or delete the run folder")
     run = saved.get("run", {})
-    for key, default in (("router_input_scale", 1.0), ("centre_alpha", False)):
+    for key, default in (("router_input_scale", 1.0), ("centre_alpha", False), ("support_choice", "uniform"),
+                         ("neighbour_share", 0.5)):
         if run.get(key, default) != getattr(preset, key):
             flag = key.replace("_", "-")
             raise SoeError(f"{run_dir}: the checkpoint was trained with {key} = {run.get(key, default)}, not "

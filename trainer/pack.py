@@ -58,7 +58,9 @@ def pack(workdir: str | Path, out: str | Path, run: str = "soup") -> str:
     provenance = {"corpus": prep.get("corpus"), "run": run, "steps": step, "tokens": tokens,
                   "preset": run_meta.get("preset"), "seed": run_meta.get("seed"),
                   "meta_distribution": None if run_meta.get("fixed_h") else
-                  {"kind": "support", "s": run_meta.get("support_size")},
+                  {"kind": "support", "s": run_meta.get("support_size"),
+                   "choice": run_meta.get("support_choice", "uniform"),
+                   "neighbour_share": run_meta.get("neighbour_share")},
                   "fixed_h": bool(run_meta.get("fixed_h")), "clusters": prep.get("clusters"),
                   "optimizer": {key: run_meta.get(key) for key in TRAINING_SETTINGS}}
     final_eval = _last_eval(run_dir / "metrics.jsonl")

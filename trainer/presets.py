@@ -26,6 +26,9 @@ class Preset:
     expert_rank: int = 0
     router_hidden: int = 128
     support_size: int = 4  # s of the meta-distribution π
+    support_choice: str = "uniform"  # how π picks its s domains: "uniform", "natural" (∝ h_generic) or
+    # "neighbours" (an anchor and s − 1 of its 2s nearest domains, for a share of the draws)
+    neighbour_share: float = 0.5  # with "neighbours": the share of draws that are neighbourhoods (the rest uniform)
     # optimisation
     batch_size: int = 16  # sequences per micro-batch (one h per micro-batch)
     grad_accum: int = 1  # micro-batches (each with its own h) per optimizer step

@@ -47,9 +47,26 @@ def sample_batch(shards: DomainShards, h: np.ndarray, batch_size: int, seq_len: 
     return sample_batch_with_domains(shards, h, batch_size, seq_len, rng)[0]
 
 
-def meta_distribution(k: int, s: int, rng: np.random.Generator, usable: np.ndarray | None = None) -> np.ndarray:
-    """One draw h ~ π: s distinct usable domains chosen uniformly, weights uniform then normalised.
+def neighbourhoods(centroids: np.ndarray, size: int) -> np.ndarray:
+    """int64 [k, size]: for each domain, the `size` domains with the most similar centroids
+    (cosine), itself first."""
+    c = np.asarray(centroids, dtype=np.float64)
+    c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+    sim = c @ c.T
+    np.fill_diagonal(sim, np.inf)  # itself first, even among duplicate centroids
+    return np.argsort(-sim, axis=1, kind="stable")[:, :min(size, len(c))].astype(np.int64)
 
+
+def meta_distribution(k: int, s: int, rng: np.random.Generator, usable: np.ndarray | None = None,
+                      domain_weights: np.ndarray | None = None,
+                      neighbours: np.ndarray | None = None) -> np.ndarray:
+    """One draw h ~ π: s distinct usable domains, weights uniform then normalised.
+
+    The domains are chosen uniformly; or, given `domain_weights` (e.g. h_generic), with
+    probability proportional to them (without replacement), so that big domains appear in
+    mixtures as often as they do in the corpus; or, given `neighbours` ([k, m] from
+    `neighbourhoods`), as one uniformly chosen anchor domain plus s − 1 of its m nearest
+    usable domains — a topical mixture, shaped like the histogram of a real document set.
     Returns float64 [k] with exactly s non-zeros summing to 1.
     """
     candidates = np.arange(k) if usable is None else np.flatnonzero(np.asarray(usable, dtype=bool))
@@ -57,8 +74,34 @@ def meta_distribution(k: int, s: int, rng: np.random.Generator, usable: np.ndarr
         raise SoeError(f"usable mask: expected shape ({k},), got {np.asarray(usable).shape}")
     if not 1 <= s <= candidates.size:
         raise SoeError(f"support size s={s}: must be between 1 and the {candidates.size} usable domains")
-    chosen = rng.choice(candidates, size=s, replace=False)
+    if neighbours is not None:
+        chosen = _neighbourhood_draw(candidates, s, rng, neighbours, usable)
+        weights = 1.0 - rng.random(s)
+        h = np.zeros(k, dtype=np.float64)
+        h[chosen] = weights / weights.sum()
+        return h
+    p = None
+    if domain_weights is not None:
+        w = np.asarray(domain_weights, dtype=np.float64)
+        if w.shape != (k,) or not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise SoeError(f"domain weights of π: expected {k} finite non-negative values")
+        w = w[candidates]
+        if np.count_nonzero(w) < s:
+            raise SoeError(f"support size s={s}: only {np.count_nonzero(w)} usable domains have weight")
+        p = w / w.sum()
+    chosen = rng.choice(candidates, size=s, replace=False, p=p)
     weights = 1.0 - rng.random(s)  # in (0, 1]: never an exact zero, so exactly s non-zeros
     h = np.zeros(k, dtype=np.float64)
     h[chosen] = weights / weights.sum()
     return h
+
+
+def _neighbourhood_draw(candidates: np.ndarray, s: int, rng: np.random.Generator, neighbours: np.ndarray,
+                        usable: np.ndarray | None) -> np.ndarray:
+    anchor = int(rng.choice(candidates))
+    ok = np.ones(neighbours.shape[0], dtype=bool) if usable is None else np.asarray(usable, dtype=bool)
+    pool = [int(d) for d in neighbours[anchor] if ok[d] and d != anchor]
+    if len(pool) < s - 1:
+        raise SoeError(f"support size s={s}: domain {anchor} has only {len(pool)} usable neighbours "
+                       f"in its neighbourhood of {neighbours.shape[1]}")
+    return np.concatenate([[anchor], rng.choice(pool, size=s - 1, replace=False)]).astype(np.int64)
