@@ -69,6 +69,20 @@ def test_neighbourhood_meta_distribution_trains_and_is_recorded(tmp_path: Path) 
         train(work, preset.replace(max_steps=8, neighbour_share=0.5), progress=False)
 
 
+def test_router_freeze_at_stops_the_router_but_not_the_rest(tmp_path: Path) -> None:
+    from trainer import checkpoint as ckpt
+    work = make_workdir(tmp_path / "work")
+    preset = TINY.replace(max_steps=10, router_freeze_at=0.5, checkpoint_every=5)
+    run_dir = train(work, preset, progress=False, stop_after=5)
+    before, _ = ckpt.load_checkpoint(run_dir / "checkpoints", 5)
+    train(work, preset, progress=False)
+    after, _ = ckpt.load_checkpoint(run_dir / "checkpoints", 10)
+    router = [k for k in before if k.startswith("router.")]
+    assert router and all(torch.equal(before[k], after[k]) for k in router)
+    assert not torch.equal(before["S"], after["S"]) and not torch.equal(before["E"], after["E"])
+    assert json.loads((run_dir / "run.json").read_text())["router_freeze_at"] == 0.5
+
+
 def test_router_input_scale_and_centring_are_folded_into_the_packed_router(tmp_path: Path) -> None:
     work = make_workdir(tmp_path / "work")
     from trainer.shards import write_token_file

@@ -91,6 +91,8 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
               help="The cosine schedule ends at lr × this (overrides the preset).")
 @click.option("--expert-lr-scale", type=float, help="Experts learn at lr × this (overrides the preset).")
 @click.option("--router-lr-scale", type=float, help="The router φ learns at lr × this (overrides the preset).")
+@click.option("--router-freeze-at", type=float,
+              help="Fraction of the run after which the router φ stops learning (overrides the preset; 1 = never).")
 @click.option("--router-input-scale", type=float,
               help="Train φ on c·h (overrides the preset; pack folds c into φ's first layer).")
 @click.option("--expert-init-scale", type=float, help="× the dense experts' initial values (0: start at Θ = S).")
@@ -108,7 +110,8 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
           stop_after: int | None, seed: int, checkpoint_every: int | None, sharding: str, baseline: str | None,
           run_name: str | None,
           device: str | None, precision: str | None, lr: float | None, min_lr_ratio: float | None,
-          expert_lr_scale: float | None, router_lr_scale: float | None, router_input_scale: float | None,
+          expert_lr_scale: float | None, router_lr_scale: float | None, router_freeze_at: float | None,
+          router_input_scale: float | None,
           expert_init_scale: float | None,
           centre_alpha: bool | None,
           batch_size: int | None,
@@ -125,7 +128,7 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
         torch.set_num_threads(threads)
     p = get_preset(preset)
     overrides = {k: v for k, v in {"lr": lr, "min_lr_ratio": min_lr_ratio, "expert_lr_scale": expert_lr_scale,
-                                   "router_lr_scale": router_lr_scale,
+                                   "router_lr_scale": router_lr_scale, "router_freeze_at": router_freeze_at,
                                    "router_input_scale": router_input_scale, "centre_alpha": centre_alpha,
                                    "expert_init_scale": expert_init_scale, "batch_size": batch_size, "grad_accum": grad_accum,
                                    "support_size": support_size, "support_choice": support_choice,

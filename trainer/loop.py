@@ -132,6 +132,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                 "world": ctx.world, "sharding": sharding if bank else "ddp", "lr": peak_lr,
                 "min_lr_ratio": preset.min_lr_ratio,
                 "expert_lr_scale": preset.expert_lr_scale, "router_lr_scale": preset.router_lr_scale,
+                "router_freeze_at": preset.router_freeze_at,
                 "router_input_scale": preset.router_input_scale, "centre_alpha": preset.centre_alpha,
                 "expert_init_scale": preset.expert_init_scale, "storage_dtype": preset.storage_dtype}
     if ctx.is_main:
@@ -144,6 +145,9 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
     seq = preset.model.max_seq_len
     usable = usable_domains(shards, seq)
     draw_h = _meta_sampler(preset, shards, workdir, usable)
+    if not 0.0 <= preset.router_freeze_at <= 1.0:
+        raise SoeError(f"--router-freeze-at {preset.router_freeze_at}: must be a fraction between 0 and 1")
+    router_freeze_step = math.ceil(preset.router_freeze_at * total_steps) if preset.router_freeze_at < 1 else total_steps
     tokens_per_step = micro_total * preset.batch_size * seq
     end = total_steps if stop_after is None else min(total_steps, start + stop_after)
     bar = tqdm(total=end, initial=start, desc=f"train {spec.name}", disable=not (progress and ctx.is_main),
@@ -188,6 +192,8 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
         state.update_centre(grads["E"].alphas)  # after the gather: every rank's micro-batches
         norm = _clip(grads, preset.grad_clip, state, bank)
         lr = lr_at(step, lr=peak_lr, warmup=preset.warmup_steps, total=total_steps, min_ratio=preset.min_lr_ratio)
+        if step >= router_freeze_step:
+            state.set_router_lr_scale(0.0)
         state.optimizer.step(grads, lr)
         mean_loss = _mean_over_ranks(losses, ctx)
         now = time.time()

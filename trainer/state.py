@@ -109,6 +109,10 @@ class SoupState:
     def n(self) -> int:
         return self.config.router.n
 
+    def set_router_lr_scale(self, scale: float) -> None:
+        """φ learns at lr × `scale` from the next optimizer step on (0: φ frozen)."""
+        self.optimizer.lr_scale.update({k: scale for k in self.router})
+
     def zero_grad(self) -> None:
         self.grad_shared.zero_()
         self.grad_experts.clear()
