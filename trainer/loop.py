@@ -147,7 +147,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
     draw_h = _meta_sampler(preset, shards, workdir, usable)
     if not 0.0 <= preset.router_freeze_at <= 1.0:
         raise SoeError(f"--router-freeze-at {preset.router_freeze_at}: must be a fraction between 0 and 1")
-    router_freeze_step = math.ceil(preset.router_freeze_at * total_steps) if preset.router_freeze_at < 1 else total_steps
+    router_freeze_step = round(preset.router_freeze_at * total_steps)  # the first step at which φ is frozen
     tokens_per_step = micro_total * preset.batch_size * seq
     end = total_steps if stop_after is None else min(total_steps, start + stop_after)
     bar = tqdm(total=end, initial=start, desc=f"train {spec.name}", disable=not (progress and ctx.is_main),

@@ -19,7 +19,7 @@ from torch import Tensor
 from soe_sdk.config import SoupConfig
 from soe_sdk.errors import SoeError
 from soe_sdk.model import next_token_loss
-from soe_sdk.soup import ROUTER_NAMES, init_soup, iter_init_soup, router_forward
+from soe_sdk.soup import ROUTER_NAMES, add_combination, init_soup, iter_init_soup, router_forward
 
 from .layout import SoupLayout
 from .optim import ExpertGrad, FlatAdamW
@@ -141,7 +141,7 @@ class SoupState:
         """This state's slice of Θ; differentiable (in F and α) only in its low-rank prefix."""
         if self.n == 0:
             return self.shared.clone()
-        dense = torch.addmv(self.shared[self.e0:], self.experts.T, alpha.detach())
+        dense = add_combination(self.shared[self.e0:], alpha.detach(), self.experts)
         if self.factors is None:
             return dense
         return torch.cat([self.layout.lowrank_theta(self.shared, self.factors, alpha), dense])
