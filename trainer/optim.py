@@ -68,7 +68,9 @@ class ExpertGrad:
             return
         a, g = self.stacked()  # once per step, not once per row
         for j in range(a.shape[1]):
-            yield torch.mul(g[0], a[0, j], out=out) if a.shape[0] == 1 else torch.mv(g.T, a[:, j], out=out)
+            # [1, M] × [M, q] streams G once (a GEMV over Gᵀ would sweep `out` once per micro-batch)
+            yield torch.mul(g[0], a[0, j], out=out) if a.shape[0] == 1 else \
+                torch.mm(a[:, j].unsqueeze(0), g, out=out.unsqueeze(0)).squeeze(0)
 
     def dense(self, n: int, q: int) -> Tensor:
         """The materialised [n, q] gradient (for tests and inspection)."""
