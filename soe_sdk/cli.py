@@ -39,7 +39,9 @@ def _human(count: float) -> str:
 def _meta_dist(prov: dict) -> str:
     dist = prov.get("meta_distribution")
     if isinstance(dist, dict) and dist.get("s"):
-        chosen = " (domains ∝ h_generic)" if dist.get("choice") == "natural" else ""
+        chosen = {"natural": " (domains ∝ h_generic)",
+                  "neighbours": f" (neighbourhoods for {dist.get('neighbour_share')} of the draws)"}.get(
+                      str(dist.get("choice")), "")
         return f"h ~ π with support s={dist['s']}{chosen}"
     return "fixed h (a plain model)"
 

@@ -130,8 +130,8 @@ def merge_dense(shared: Tensor, bank: Tensor, keep: Sequence[int], alpha: Tensor
 
     Streams column blocks of the flattened parameter and reads only the `keep` rows of
     `bank`: consecutive rows that already have `dtype` on the CPU go straight from the
-    (memory-mapped) bank into one row combination (`add_combination`) per block; other consecutive rows are converted
-    a block at a time into a buffer of about `block_bytes`; scattered rows are added one
+    (memory-mapped) bank into one `add_combination` per block; other consecutive rows are
+    converted a block at a time into a buffer of about `block_bytes`; scattered rows are added one
     by one into the block, which stays in cache. When the parameter spans several blocks,
     `release(view)` is called on each block of `shared` and of every kept row once used,
     and rows are then read RELEASE_ROWS at a time so that few of them are mapped at once.

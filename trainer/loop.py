@@ -12,9 +12,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -260,8 +260,10 @@ def _check_same_run(saved: dict[str, Any], config: SoupConfig, sharding: str, wo
         raise SoeError(f"{run_dir}: the checkpoint was trained with another configuration; "
                        "use another run name or delete the run folder")
     run = saved.get("run", {})
-    for key, default in (("router_input_scale", 1.0), ("centre_alpha", False), ("support_choice", "uniform"),
-                         ("neighbour_share", 0.5)):
+    checked = [("router_input_scale", 1.0), ("centre_alpha", False), ("support_choice", "uniform")]
+    if preset.support_choice == "neighbours":
+        checked.append(("neighbour_share", 0.5))
+    for key, default in checked:
         if run.get(key, default) != getattr(preset, key):
             flag = key.replace("_", "-")
             raise SoeError(f"{run_dir}: the checkpoint was trained with {key} = {run.get(key, default)}, not "
