@@ -69,6 +69,18 @@ def test_neighbourhood_meta_distribution_trains_and_is_recorded(tmp_path: Path) 
         train(work, preset.replace(max_steps=8, neighbour_share=0.5), progress=False)
 
 
+def test_natural_meta_distribution_trains_and_is_recorded(tmp_path: Path) -> None:
+    work = make_workdir(tmp_path / "work")
+    run_dir = train(work, TINY.replace(max_steps=4, support_choice="natural"), progress=False)
+    assert len(_losses(run_dir)) == 4
+    from trainer.pack import pack
+    pack(work, tmp_path / "n.soe")
+    dist = soe_sdk.load(tmp_path / "n.soe").metadata["provenance"]["meta_distribution"]
+    assert dist["choice"] == "natural" and dist["s"] == TINY.support_size
+    with pytest.raises(SoeError, match="support_choice"):  # resuming with another π is refused
+        train(work, TINY.replace(max_steps=6, support_choice="uniform"), progress=False)
+
+
 def test_router_freeze_at_stops_the_router_but_not_the_rest(tmp_path: Path) -> None:
     from trainer import checkpoint as ckpt
     work = make_workdir(tmp_path / "work")
