@@ -76,24 +76,26 @@ def meta_distribution(k: int, s: int, rng: np.random.Generator, usable: np.ndarr
         raise SoeError(f"support size s={s}: must be between 1 and the {candidates.size} usable domains")
     if neighbours is not None:
         chosen = _neighbourhood_draw(candidates, s, rng, neighbours, usable)
-        weights = 1.0 - rng.random(s)
-        h = np.zeros(k, dtype=np.float64)
-        h[chosen] = weights / weights.sum()
-        return h
-    p = None
-    if domain_weights is not None:
-        w = np.asarray(domain_weights, dtype=np.float64)
-        if w.shape != (k,) or not np.all(np.isfinite(w)) or np.any(w < 0):
-            raise SoeError(f"domain weights of π: expected {k} finite non-negative values")
-        w = w[candidates]
-        if np.count_nonzero(w) < s:
-            raise SoeError(f"support size s={s}: only {np.count_nonzero(w)} usable domains have weight")
-        p = w / w.sum()
-    chosen = rng.choice(candidates, size=s, replace=False, p=p)
+    else:
+        p = _choice_probabilities(domain_weights, candidates, k, s)
+        chosen = rng.choice(candidates, size=s, replace=False, p=p)
     weights = 1.0 - rng.random(s)  # in (0, 1]: never an exact zero, so exactly s non-zeros
     h = np.zeros(k, dtype=np.float64)
     h[chosen] = weights / weights.sum()
     return h
+
+
+def _choice_probabilities(domain_weights: np.ndarray | None, candidates: np.ndarray, k: int,
+                          s: int) -> np.ndarray | None:
+    if domain_weights is None:
+        return None
+    w = np.asarray(domain_weights, dtype=np.float64)
+    if w.shape != (k,) or not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise SoeError(f"domain weights of π: expected {k} finite non-negative values")
+    w = w[candidates]
+    if np.count_nonzero(w) < s:
+        raise SoeError(f"support size s={s}: only {np.count_nonzero(w)} usable domains have weight")
+    return w / w.sum()
 
 
 def _neighbourhood_draw(candidates: np.ndarray, s: int, rng: np.random.Generator, neighbours: np.ndarray,
