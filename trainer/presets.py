@@ -78,9 +78,10 @@ PRESETS: dict[str, Preset] = {
         vocab_size=4096, clusters=(8, 8), embed_chars=128, experts=16, router_hidden=128, support_size=16,
         # lr 1e-3 for the soup, 2e-3 for the baselines: a soup's Θ moves faster than S alone (its
         # experts move with S and φ scales them up), so it wants a lower rate, as in the paper (Table 3)
-        # π picks its domains ∝ h_generic, and φ stops learning at step 4500 of 5500: φ otherwise keeps
-        # scaling α up while the schedule anneals (+0.15–0.2 % on the specialist sets in two probes)
-        support_choice="natural", router_freeze_at=0.8182,
+        # π picks its domains ∝ h_generic, and φ stops learning at step 3025 of 5500: φ otherwise keeps
+        # scaling α up while the schedule anneals (frozen from 4500: +0.15 %, from 3025: +0.39 % on the
+        # specialist sets, benchmarks/results/README.md)
+        support_choice="natural", router_freeze_at=0.55,
         batch_size=16, grad_accum=1, max_steps=5500, lr=1e-3, baseline_lr=2e-3, expert_lr_scale=0.03, warmup_steps=200,
         eval_every=1000, eval_tokens=16_384, checkpoint_every=500, storage_dtype="float16",
     ),
