@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .archive import Archive
 from .config import EmbedderSpec, ModelConfig, RouterConfig, SoupConfig
+from . import fused
 from .errors import ArchiveError, SoeError
 from .model import init_parameters
 
@@ -129,12 +130,14 @@ def merge_dense(shared: Tensor, bank: Tensor, keep: Sequence[int], alpha: Tensor
     """S + Σ_i alpha[i]·bank[keep[i]] for one dense parameter, as a new tensor of `dtype` on `device`.
 
     Streams column blocks of the flattened parameter and reads only the `keep` rows of
-    `bank`: consecutive rows that already have `dtype` on the CPU go straight from the
-    (memory-mapped) bank into one `add_combination` per block; other consecutive rows are
+    `bank`: consecutive rows on the CPU go straight from the (memory-mapped) bank into the
+    combination (torch's GEMM when they already have `dtype`, else the fused kernel, which
+    widens 16-bit rows as it reads them); where neither applies, consecutive rows are
     converted a block at a time into a buffer of about `block_bytes`; scattered rows are added one
-    by one into the block, which stays in cache. When the parameter spans several blocks,
-    `release(view)` is called on each block of `shared` and of every kept row once used,
-    and rows are then read RELEASE_ROWS at a time so that few of them are mapped at once.
+    by one into the block, which stays in cache. With `release`, a parameter that spans several
+    blocks is merged block by block, `release(view)` is called on each block of `shared` and
+    of every kept row once used, and rows are then read RELEASE_ROWS at a time so that few of
+    them are mapped at once.
     `scratch` (1-D, `dtype`, on `device`) is used as the conversion buffer when it is large
     enough, so a merge of many parameters allocates (and page-faults) it once.
     """
@@ -149,12 +152,14 @@ def merge_dense(shared: Tensor, bank: Tensor, keep: Sequence[int], alpha: Tensor
     alpha = alpha.to(device, dtype)
     first = keep[0] if keep else 0
     consecutive = keep == list(range(first, first + count))
-    direct = (consecutive and bank.dtype == dtype and shared.dtype == dtype and device.type == "cpu"
-              and bank.device.type == "cpu")
+    # direct: rows go straight from the (mapped) bank into the combination, by torch when no
+    # conversion is needed, else by the fused kernel, which widens 16-bit rows as it reads them
+    direct = consecutive and device.type == "cpu" and bank.device.type == "cpu" and (
+        (bank.dtype == dtype and shared.dtype == dtype) or fused.usable(bank, dtype, device))
     width = block_width(count, dtype, block_bytes)
     blocked = width < numel
-    if direct and count and not blocked:  # the common small parameter: one call, no slicing
-        add_combination(flat_s, alpha, bank2d[first:first + count], out=flat_out)
+    if direct and count and not (blocked and release is not None):  # one call, no slicing
+        _combine_rows(flat_s, alpha, bank2d[first:first + count], flat_out)
         return out
     coefficients = alpha.tolist() if not consecutive else []
     buffer = None
@@ -174,10 +179,7 @@ def merge_dense(shared: Tensor, bank: Tensor, keep: Sequence[int], alpha: Tensor
         if direct and count:  # row combinations straight from the bank rows
             for g in range(0, count, group):
                 rows = bank2d[first + g:first + min(g + group, count), lo:hi]
-                if g == 0:
-                    add_combination(flat_s[lo:hi], alpha[:group], rows, out=block)
-                else:
-                    add_combination(block, alpha[g:g + group], rows, out=block)
+                _combine_rows(flat_s[lo:hi] if g == 0 else None, alpha[g:g + group], rows, block)
                 _release_rows(release if releasing else None, bank2d, range(first + g, first + g + rows.shape[0]),
                               lo, hi)
         elif buffer is not None:  # strided copies convert the block, then one combination
@@ -196,6 +198,13 @@ def merge_dense(shared: Tensor, bank: Tensor, keep: Sequence[int], alpha: Tensor
         if releasing:
             release(flat_s[lo:hi])
     return out
+
+
+def _combine_rows(base: Tensor | None, alpha: Tensor, rows: Tensor, out: Tensor) -> None:
+    """out = (base, or out itself when None) + alpha @ rows: the fused kernel where it applies, else torch."""
+    if not fused.fused_combination(base, alpha, rows, out):
+        base = out if base is None else base.to(out.dtype)
+        add_combination(base, alpha.to(out.dtype), rows.to(out.dtype), out=out)
 
 
 def _release_rows(release: Callable[[Tensor], None] | None, bank2d: Tensor, rows: Iterable[int],
@@ -256,6 +265,11 @@ class _MappedPages:
             self._ranges = []
         if self._ranges:
             self._madvise = libc.madvise
+
+    @property
+    def active(self) -> bool:
+        """False when releasing does nothing (disabled, not Linux, or the file is not mapped)."""
+        return self._madvise is not None
 
     def small(self, nbytes: int) -> None:
         """Count a small tensor as read; release the whole file's pages every SMALL_BYTES of them."""
@@ -519,7 +533,8 @@ class Soup:
                 rows = bank.reshape(bank.shape[0], numel)[keep[0]:keep[-1] + 1]
                 flat_s = shared.reshape(numel)
                 same = rows.dtype == dtype and flat_s.dtype == dtype
-                if not same and rows.numel() * _itemsize(dtype) > MERGE_BLOCK_BYTES:
+                if not same and not fused.usable(rows, dtype, self.device) \
+                        and rows.numel() * _itemsize(dtype) > MERGE_BLOCK_BYTES:
                     rows = flat_s = None  # more rows than the scratch buffer holds: the blocked path
                 else:
                     read = flat_s.numel() * flat_s.element_size() + rows.numel() * rows.element_size()
@@ -535,8 +550,11 @@ class Soup:
     def _merge(self, plan: _ParameterPlan, a_keep: Tensor, keep: list[int], dtype: torch.dtype, scratch: Tensor,
                pages: _MappedPages) -> Tensor:
         if plan.rows is not None:  # one block of consecutive experts on the CPU
-            if plan.same_dtype:  # one combination straight from the mapped file
+            if plan.same_dtype and not fused.usable(plan.rows, dtype, self.device):  # one combination straight from the file
                 theta = add_combination(plan.shared, a_keep, plan.rows)
+            elif fused.usable(plan.rows, dtype, self.device):  # the fused kernel reads the mapped rows once, in their dtype
+                theta = torch.empty(plan.rows.shape[1], dtype=dtype)
+                _combine_rows(plan.shared, a_keep, plan.rows, theta)
             else:  # convert the rows into the scratch buffer (in cache), then one combination
                 count, numel = plan.rows.shape
                 rows = scratch[:count * numel].view(count, numel)
@@ -550,8 +568,8 @@ class Soup:
         shared = self._view(f"shared.{name}")
         if keep and f"experts.{name}" in self.archive:
             bank = self._view(f"experts.{name}")
-            theta = merge_dense(shared, bank, keep, a_keep, dtype=dtype, device=self.device, release=pages,
-                                scratch=scratch)
+            theta = merge_dense(shared, bank, keep, a_keep, dtype=dtype, device=self.device,
+                                release=pages if pages.active else None, scratch=scratch)
             if shared.numel() > block_width(len(keep), dtype):
                 return theta  # its pages were released block by block
             read = [shared, bank[keep[0]:keep[-1] + 1]]

@@ -134,7 +134,8 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                 "expert_lr_scale": preset.expert_lr_scale, "router_lr_scale": preset.router_lr_scale,
                 "router_freeze_at": preset.router_freeze_at,
                 "router_input_scale": preset.router_input_scale, "centre_alpha": preset.centre_alpha,
-                "expert_init_scale": preset.expert_init_scale, "storage_dtype": preset.storage_dtype}
+                "expert_init_scale": preset.expert_init_scale, "storage_dtype": preset.storage_dtype,
+                "precision": "fp32" if autocast is None else "bf16"}
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run.json").write_text(json.dumps(run_meta, indent=2))

@@ -19,7 +19,7 @@ from .state import packed_router
 
 TRAINING_SETTINGS = ("lr", "min_lr_ratio", "expert_lr_scale", "router_lr_scale", "router_freeze_at",
                      "router_input_scale", "centre_alpha", "expert_init_scale", "batch_size", "grad_accum",
-                     "seq_len")  # recorded in the provenance
+                     "seq_len", "precision")  # recorded in the provenance
 
 
 def _full_flat(ckpt_dir: Path, step: int, state: dict) -> dict[str, torch.Tensor]:

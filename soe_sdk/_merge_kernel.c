@@ -1,0 +1,252 @@
+/* Fused merge kernel: out = base + sum_j alpha[j] * rows[j], in one pass over the stored bytes.
+ *
+ * PyTorch's CPU backend has no float16 x float16 -> float32 product, so merging a float16
+ * archive through torch means converting every expert row to float32 first (a write and a
+ * re-read of twice the bytes) and then a GEMM. Here each 16-bit row is widened in registers
+ * as it is read, four rows are added per pass over an output block that stays in L2, and so
+ * the archive's bytes are read exactly once. Inputs may be float32, float16 or bfloat16; the
+ * output and the accumulation are float32.
+ *
+ * Python calls it with raw data pointers (soe_sdk/fused.py checks shapes, dtypes and devices
+ * first). The GIL is released while it runs.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define SOE_X86 1
+#include <immintrin.h>
+#endif
+
+enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
+
+/* Columns per block: the float32 output block (64 KB) stays in L2 while every row adds into it;
+ * shorter blocks cut the rows' reads into runs too short for the hardware prefetcher. */
+#define BLOCK 16384
+#define GROUP 4 /* rows per pass over a block: the block is loaded and stored once per four rows */
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu, bits;
+    if (exponent == 0) {
+        if (mantissa == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise the mantissa */
+            exponent = 127 - 15 + 1;
+            while (!(mantissa & 0x400u)) {
+                mantissa <<= 1;
+                exponent--;
+            }
+            bits = sign | (exponent << 23) | ((mantissa & 0x3ffu) << 13);
+        }
+    } else if (exponent == 31) {
+        bits = sign | 0x7f800000u | (mantissa << 13); /* inf / nan */
+    } else {
+        bits = sign | ((exponent + 127 - 15) << 23) | (mantissa << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static size_t item_size(int dtype) { return dtype == DT_F32 ? 4 : 2; }
+
+static float load_scalar(const void *src, int dtype, Py_ssize_t i) {
+    if (dtype == DT_F16) return half_to_float(((const uint16_t *)src)[i]);
+    if (dtype == DT_BF16) {
+        uint32_t bits = (uint32_t)((const uint16_t *)src)[i] << 16;
+        float f;
+        memcpy(&f, &bits, sizeof f);
+        return f;
+    }
+    return ((const float *)src)[i];
+}
+
+/* One instruction set's two loops over columns [0, len):
+ *   set:  acc[i] = src[i]                       (the base row)
+ *   add4: acc[i] += sum_k a[k] * src[k][i]      (GROUP rows at once) */
+typedef struct {
+    const char *name;
+    void (*set)(float *acc, const void *src, int dtype, Py_ssize_t len);
+    void (*add4)(float *acc, const void *const *src, int dtype, const float *a, Py_ssize_t len);
+} Kernel;
+
+static void set_scalar(float *acc, const void *src, int dtype, Py_ssize_t len) {
+    for (Py_ssize_t i = 0; i < len; i++) acc[i] = load_scalar(src, dtype, i);
+}
+
+static void add4_scalar(float *acc, const void *const *src, int dtype, const float *a, Py_ssize_t len) {
+    for (Py_ssize_t i = 0; i < len; i++) {
+        float r = acc[i];
+        for (int k = 0; k < GROUP; k++) r += a[k] * load_scalar(src[k], dtype, i);
+        acc[i] = r;
+    }
+}
+
+static const Kernel SCALAR = {"scalar", set_scalar, add4_scalar};
+
+#ifdef SOE_X86
+__attribute__((target("avx512f"))) static inline __m512 load_avx512(const void *src, int dtype, Py_ssize_t i) {
+    if (dtype == DT_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)src + i)));
+    if (dtype == DT_BF16) {
+        __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)src + i)));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    }
+    return _mm512_loadu_ps((const float *)src + i);
+}
+
+__attribute__((target("avx512f"))) static void set_avx512(float *acc, const void *src, int dtype, Py_ssize_t len) {
+    Py_ssize_t i = 0;
+    for (; i + 16 <= len; i += 16) _mm512_storeu_ps(acc + i, load_avx512(src, dtype, i));
+    set_scalar(acc + i, (const char *)src + i * item_size(dtype), dtype, len - i);
+}
+
+__attribute__((target("avx512f"))) static void add4_avx512(float *acc, const void *const *src, int dtype,
+                                                            const float *a, Py_ssize_t len) {
+    const __m512 a0 = _mm512_set1_ps(a[0]), a1 = _mm512_set1_ps(a[1]), a2 = _mm512_set1_ps(a[2]),
+                 a3 = _mm512_set1_ps(a[3]);
+    Py_ssize_t i = 0;
+    for (; i + 16 <= len; i += 16) {
+        __m512 r = _mm512_loadu_ps(acc + i);
+        r = _mm512_fmadd_ps(a0, load_avx512(src[0], dtype, i), r);
+        r = _mm512_fmadd_ps(a1, load_avx512(src[1], dtype, i), r);
+        r = _mm512_fmadd_ps(a2, load_avx512(src[2], dtype, i), r);
+        r = _mm512_fmadd_ps(a3, load_avx512(src[3], dtype, i), r);
+        _mm512_storeu_ps(acc + i, r);
+    }
+    const void *rest[GROUP];
+    for (int k = 0; k < GROUP; k++) rest[k] = (const char *)src[k] + i * item_size(dtype);
+    add4_scalar(acc + i, rest, dtype, a, len - i);
+}
+
+static const Kernel AVX512 = {"avx512", set_avx512, add4_avx512};
+
+__attribute__((target("avx2,fma,f16c"))) static inline __m256 load_avx2(const void *src, int dtype, Py_ssize_t i) {
+    if (dtype == DT_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)src + i)));
+    if (dtype == DT_BF16) {
+        __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)src + i)));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    }
+    return _mm256_loadu_ps((const float *)src + i);
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void set_avx2(float *acc, const void *src, int dtype, Py_ssize_t len) {
+    Py_ssize_t i = 0;
+    for (; i + 8 <= len; i += 8) _mm256_storeu_ps(acc + i, load_avx2(src, dtype, i));
+    set_scalar(acc + i, (const char *)src + i * item_size(dtype), dtype, len - i);
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void add4_avx2(float *acc, const void *const *src, int dtype,
+                                                               const float *a, Py_ssize_t len) {
+    const __m256 a0 = _mm256_set1_ps(a[0]), a1 = _mm256_set1_ps(a[1]), a2 = _mm256_set1_ps(a[2]),
+                 a3 = _mm256_set1_ps(a[3]);
+    Py_ssize_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        __m256 r = _mm256_loadu_ps(acc + i);
+        r = _mm256_fmadd_ps(a0, load_avx2(src[0], dtype, i), r);
+        r = _mm256_fmadd_ps(a1, load_avx2(src[1], dtype, i), r);
+        r = _mm256_fmadd_ps(a2, load_avx2(src[2], dtype, i), r);
+        r = _mm256_fmadd_ps(a3, load_avx2(src[3], dtype, i), r);
+        _mm256_storeu_ps(acc + i, r);
+    }
+    const void *rest[GROUP];
+    for (int k = 0; k < GROUP; k++) rest[k] = (const char *)src[k] + i * item_size(dtype);
+    add4_scalar(acc + i, rest, dtype, a, len - i);
+}
+
+static const Kernel AVX2 = {"avx2", set_avx2, add4_avx2};
+#endif
+
+static const Kernel *best_kernel(void) {
+#ifdef SOE_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return &AVX512;
+    /* every x86 CPU with AVX2 and FMA also has F16C */
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &AVX2;
+#endif
+    return &SCALAR;
+}
+
+static const Kernel *kernel = &SCALAR;
+
+static PyObject *combine(PyObject *self, PyObject *args) {
+    unsigned long long out_p, base_p, rows_p, alpha_p;
+    Py_ssize_t n, row_stride, m;
+    int base_dtype, rows_dtype;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KnKiKinnK", &out_p, &n, &base_p, &base_dtype, &rows_p, &rows_dtype, &row_stride,
+                          &m, &alpha_p))
+        return NULL;
+    if (n < 0 || m < 0 || base_dtype < DT_F32 || base_dtype > DT_BF16 || rows_dtype < DT_F32 || rows_dtype > DT_BF16) {
+        PyErr_SetString(PyExc_ValueError, "combine: negative size or unknown dtype code");
+        return NULL;
+    }
+    float *out = (float *)(uintptr_t)out_p;
+    const void *base = (const void *)(uintptr_t)base_p; /* NULL: accumulate into out as it is */
+    const char *rows = (const char *)(uintptr_t)rows_p;
+    const float *alpha = (const float *)(uintptr_t)alpha_p;
+    const size_t item = item_size(rows_dtype), row_bytes = (size_t)row_stride * item;
+    const Kernel *k = kernel;
+    static const float zeros[BLOCK]; /* the rows that pad a last partial group: 0.0 in every dtype */
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t lo = 0; lo < n; lo += BLOCK) {
+        Py_ssize_t len = lo + BLOCK < n ? BLOCK : n - lo;
+        if (base) k->set(out + lo, (const char *)base + (size_t)lo * item_size(base_dtype), base_dtype, len);
+        for (Py_ssize_t j = 0; j < m; j += GROUP) {
+            const void *src[GROUP];
+            float a[GROUP];
+            for (int g = 0; g < GROUP; g++) {
+                int real = j + g < m;
+                src[g] = real ? (const void *)(rows + (size_t)(j + g) * row_bytes + (size_t)lo * item) : zeros;
+                a[g] = real ? alpha[j + g] : 0.0f;
+            }
+            k->add4(out + lo, src, rows_dtype, a, len);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *set_isa(PyObject *self, PyObject *args) {
+    const char *name;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    const Kernel *chosen = NULL;
+    if (strcmp(name, "best") == 0) chosen = best_kernel();
+    if (strcmp(name, "scalar") == 0) chosen = &SCALAR;
+#ifdef SOE_X86
+    if (strcmp(name, "avx2") == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) chosen = &AVX2;
+    if (strcmp(name, "avx512") == 0 && __builtin_cpu_supports("avx512f")) chosen = &AVX512;
+#endif
+    if (chosen == NULL) {
+        PyErr_Format(PyExc_ValueError, "instruction set %s is not available on this CPU", name);
+        return NULL;
+    }
+    kernel = chosen;
+    return PyUnicode_FromString(kernel->name);
+}
+
+static PyObject *get_isa(PyObject *self, PyObject *noargs) {
+    (void)self;
+    (void)noargs;
+    return PyUnicode_FromString(kernel->name);
+}
+
+static PyMethodDef methods[] = {
+    {"combine", combine, METH_VARARGS,
+     "combine(out, n, base, base_dtype, rows, rows_dtype, row_stride, m, alpha): out[:n] = (base or out) + "
+     "alpha[:m] @ rows, from raw data pointers (base 0: out itself); dtype codes 0 f32, 1 f16, 2 bf16."},
+    {"set_isa", set_isa, METH_VARARGS, "Use 'best', 'avx512', 'avx2' or 'scalar' code; returns the one in use."},
+    {"isa", get_isa, METH_NOARGS, "The instruction set in use."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_merge_kernel", "Fused merge kernel (soe_sdk/fused.py).",
+                                    -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__merge_kernel(void) {
+    kernel = best_kernel();
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,105 @@
+"""The compiled fused merge kernel against torch, on every instruction set this CPU has."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import soe_sdk
+from soe_sdk import fused
+
+from .conftest import write_tiny_soup
+
+if not fused.available():
+    if os.environ.get("CI"):  # CI installs with a compiler: a missing kernel there is a build failure
+        raise RuntimeError("soe_sdk._merge_kernel was not built; merges would fall back to torch")
+    pytest.skip("the fused merge kernel is not built (no C compiler at install time)", allow_module_level=True)
+
+
+def _instruction_sets() -> list[str]:
+    names = []
+    for name in ("avx512", "avx2", "scalar"):
+        try:
+            fused.use_instruction_set(name)
+            names.append(name)
+        except ValueError:
+            pass
+    fused.use_instruction_set("best")
+    return names
+
+
+INSTRUCTION_SETS = _instruction_sets()
+
+
+@pytest.fixture(params=INSTRUCTION_SETS)
+def isa(request: pytest.FixtureRequest):
+    yield fused.use_instruction_set(request.param)
+    fused.use_instruction_set("best")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [0, 1, 3, 4, 5, 16])
+@pytest.mark.parametrize("q", [1, 15, 17, 16384, 16401])
+def test_combination_equals_torch_on_strided_rows(isa: str, dtype: torch.dtype, m: int, q: int) -> None:
+    gen = torch.Generator().manual_seed(m * 100_003 + q)
+    bank = torch.randn(m + 2, q + 7, generator=gen).to(dtype)
+    rows = bank[1:1 + m, 3:3 + q]  # strided rows, as a column block of a bank is
+    shared = torch.randn(q, generator=gen).to(dtype)
+    alpha = torch.randn(m, generator=gen)
+    out = torch.empty(q)
+    assert fused.fused_combination(shared, alpha, rows, out)
+    expected = shared.double() + alpha.double() @ rows.double()
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    again = out.clone()
+    assert fused.fused_combination(None, alpha, rows, again)  # no base: accumulate into out
+    torch.testing.assert_close(again.double(), expected + alpha.double() @ rows.double(), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_16_bit_pattern_widens_exactly(isa: str, dtype: torch.dtype) -> None:
+    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)  # subnormals, inf, nan
+    out = torch.empty(patterns.numel())
+    assert fused.fused_combination(patterns, torch.zeros(0), torch.zeros(0, patterns.numel(), dtype=dtype), out)
+    expected = patterns.float()
+    finite = ~expected.isnan()
+    assert torch.equal(out[finite], expected[finite])
+    assert out[~finite].isnan().all()
+
+
+def test_a_padded_last_group_adds_nothing_to_infinite_rows(isa: str) -> None:
+    rows = torch.tensor([[float("inf"), 1.0]] * 5, dtype=torch.float16)  # 5 rows: the second group is padded
+    out = torch.empty(2)
+    assert fused.fused_combination(torch.zeros(2), torch.ones(5), rows, out)
+    assert out.tolist() == [float("inf"), 5.0]
+
+
+def test_tensors_the_kernel_cannot_take_are_declined_untouched() -> None:
+    rows = torch.randn(3, 8)
+    out16 = torch.full((8,), 7.0, dtype=torch.float16)
+    assert not fused.fused_combination(None, torch.ones(3), rows, out16)  # fp16 output
+    out = torch.full((8,), 7.0)
+    assert not fused.fused_combination(None, torch.ones(3), torch.randn(8, 3).t(), out)  # columns not unit-stride
+    assert not fused.fused_combination(None, torch.ones(2), rows, out)  # alpha of the wrong length
+    assert torch.equal(out, torch.full((8,), 7.0))
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_instantiate_with_the_kernel_equals_instantiate_through_torch(tmp_path: Path, storage: torch.dtype,
+                                                                     low_memory: bool) -> None:
+    path = tmp_path / "soup.soe"
+    write_tiny_soup(path, n=6, storage_dtype=storage)
+    alpha = torch.tensor([0.5, -1.25, 2.0, 0.0, 0.75, -0.3])  # α_4 = 0: the kept rows are not consecutive
+    for keep_all in (alpha, alpha + 0.1):
+        with_kernel = soe_sdk.load(path, low_memory=low_memory).instantiate(keep_all)
+        previous = fused.set_enabled(False)
+        try:
+            with_torch = soe_sdk.load(path, low_memory=low_memory).instantiate(keep_all)
+        finally:
+            fused.set_enabled(previous)
+        assert with_kernel.keys() == with_torch.keys()
+        for name in with_kernel:
+            assert with_kernel[name].dtype == torch.float32
+            torch.testing.assert_close(with_kernel[name], with_torch[name], atol=1e-6, rtol=1e-6)
