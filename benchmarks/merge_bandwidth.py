@@ -15,6 +15,8 @@ For each archive (written to a temporary folder and deleted afterwards) it times
             the default `low_memory` (on above 1 GiB: pages are released as the merge
             streams, so each merge maps them again);
 - mapped    the same with `low_memory=False` (pages stay mapped between merges);
+- torch     warm `instantiate` with the fused kernel switched off (torch GEMMs, fp16 rows
+            converted block by block first): what a build without a C compiler gets;
 - cold      `instantiate(α)` on a freshly opened Soup: includes the SHA-256 check of every
             tensor it reads (overlapped with the merge). The file is in the OS page cache,
             so "cold" means first read by this process, not a disk read;
@@ -48,6 +50,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import soe_sdk  # noqa: E402
+from soe_sdk import fused  # noqa: E402
 from soe_sdk.config import EmbedderSpec, ModelConfig, RouterConfig, SoupConfig  # noqa: E402
 from soe_sdk.soup import combine_parameter, init_soup, write_soup  # noqa: E402
 
@@ -194,6 +197,11 @@ def bench(size: str, dtype_name: str, reps: int, folder: Path, with_rss: bool) -
         del mapped
     else:
         t_mapped = t_warm
+    previous = fused.set_enabled(False)
+    try:
+        t_torch, _ = median_time(lambda: soup.instantiate(alpha), reps)
+    finally:
+        fused.set_enabled(previous)
     t_half, _ = median_time(lambda: soup.instantiate(half), reps)
     t_naive, _ = median_time(lambda: naive_merge(soup, alpha), reps)
     t_cold, cold_runs = median_time(lambda: soe_sdk.load(path).instantiate(alpha), reps)
@@ -201,7 +209,8 @@ def bench(size: str, dtype_name: str, reps: int, folder: Path, with_rss: bool) -
     row = {"size": size, "storage": dtype_name, "file_mb": file_bytes / 2**20, "experts": EXPERTS,
            "theta_params": SIZES[size].num_parameters(), "build_s": build_s, "numpy_s": t_numpy,
            "numpy16_s": t_numpy16, "warm_ratio_numpy16": None if t_numpy16 is None else t_warm / t_numpy16,
-           "low_memory": soup.low_memory, "warm_s": t_warm, "mapped_s": t_mapped, "mapped_ratio": t_mapped / t_numpy,
+           "low_memory": soup.low_memory, "kernel": fused.instruction_set(), "warm_s": t_warm,
+           "torch_s": t_torch, "torch_ratio": t_torch / t_numpy, "mapped_s": t_mapped, "mapped_ratio": t_mapped / t_numpy,
            "cold_s": t_cold, "verify_s": t_verify, "naive_s": t_naive, "half_alpha_s": t_half,
            "warm_ratio": t_warm / t_numpy, "cold_ratio": t_cold / t_numpy,
            "warm_gb_per_s": file_bytes / t_warm / 1e9, "max_abs_diff_vs_naive": max_diff,
@@ -226,7 +235,7 @@ def main() -> None:
     parser.add_argument("--tmp", default=tempfile.gettempdir())
     args = parser.parse_args()
 
-    emit({"setup": True, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+    emit({"setup": True, "kernel": fused.instruction_set(), "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
           "load_average_1m": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
     folder = Path(tempfile.mkdtemp(prefix="soe-merge-bench-", dir=args.tmp))
     rows = []
@@ -238,11 +247,13 @@ def main() -> None:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
-    print(f"\n{'archive':<16}{'MB':>7}{'lowmem':>7}{'numpy':>8}{'warm':>8}{'ratio':>7}{'mapped':>8}{'ratio':>7}"
+    print(f"\n{'archive':<16}{'MB':>7}{'lowmem':>7}{'numpy':>8}{'warm':>8}{'ratio':>7}{'torch':>8}{'ratio':>7}"
+          f"{'mapped':>8}{'ratio':>7}"
           f"{'cold':>8}{'ratio':>7}{'verify':>8}{'naive':>8}{'½α':>7}")
     for r in rows:
         print(f"{r['size'] + '-' + r['storage']:<16}{r['file_mb']:>7.0f}{'yes' if r['low_memory'] else 'no':>7}"
-              f"{r['numpy_s']:>8.3f}{r['warm_s']:>8.3f}{r['warm_ratio']:>6.2f}x{r['mapped_s']:>8.3f}"
+              f"{r['numpy_s']:>8.3f}{r['warm_s']:>8.3f}{r['warm_ratio']:>6.2f}x{r['torch_s']:>8.3f}"
+              f"{r['torch_ratio']:>6.2f}x{r['mapped_s']:>8.3f}"
               f"{r['mapped_ratio']:>6.2f}x{r['cold_s']:>8.3f}{r['cold_ratio']:>6.2f}x{r['verify_s']:>8.3f}"
               f"{r['naive_s']:>8.3f}{r['half_alpha_s']:>7.3f}")
     for r in rows:
@@ -257,8 +268,9 @@ def main() -> None:
         if r["numpy16_s"] is not None:
             print(f"{r['size']}-{r['storage']}: NumPy on the stored float16 bytes {r['numpy16_s']:.3f} s; "
                   f"warm / that = {r['warm_ratio_numpy16']:.2f}x")
-    print("seconds are medians; ratio = time / numpy; numpy = S + α @ E on in-memory float32 arrays; "
-          "½α = warm with every other α_j = 0")
+    print(f"seconds are medians; ratio = time / numpy; numpy = S + α @ E on in-memory float32 arrays; "
+          f"torch = warm without the fused kernel (it ran on {fused.instruction_set()}); "
+          f"½α = warm with every other α_j = 0")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 
 import soe_sdk
 from soe_sdk.errors import SoeError
-from trainer.loop import train
+from trainer.loop import RunSpec, train
 from trainer.optim import lr_at
 from trainer.presets import get_preset
 
@@ -93,6 +93,22 @@ def test_router_freeze_at_stops_the_router_but_not_the_rest(tmp_path: Path) -> N
     assert router and all(torch.equal(before[k], after[k]) for k in router)
     assert not torch.equal(before["S"], after["S"]) and not torch.equal(before["E"], after["E"])
     assert json.loads((run_dir / "run.json").read_text())["router_freeze_at"] == 0.5
+
+
+def test_the_presets_precision_is_used_and_recorded(tmp_path: Path) -> None:
+    work = make_workdir(tmp_path / "work")
+    run_dir = train(work, TINY.replace(max_steps=4, precision="bf16"), progress=False)
+    losses = _losses(run_dir)
+    assert len(losses) == 4 and all(np.isfinite(v) for v in losses.values())
+    assert json.loads((run_dir / "run.json").read_text())["precision"] == "bf16"
+    from trainer.pack import pack
+    pack(work, tmp_path / "bf16.soe")
+    soup = soe_sdk.load(tmp_path / "bf16.soe")
+    assert soup.metadata["provenance"]["optimizer"]["precision"] == "bf16"
+    # weights are kept in fp32 under bf16 autocast: the packed model is fp32
+    assert all(t.dtype == torch.float32 for t in soup.instantiate(torch.zeros(soup.n)).values())
+    fp32_dir = train(work, TINY.replace(max_steps=2), spec=RunSpec(name="fp32"), progress=False)  # CPU default
+    assert json.loads((fp32_dir / "run.json").read_text())["precision"] == "fp32"
 
 
 def test_router_input_scale_and_centring_are_folded_into_the_packed_router(tmp_path: Path) -> None:

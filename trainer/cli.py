@@ -85,7 +85,7 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
               help="Run name (folder under WORKDIR/runs); default soup or the baseline's name. Under torchrun "
                    "spell it --run-name (torchrun reads --run as an abbreviation of its own --run-path).")
 @click.option("--device", help="cpu or cuda (default: cuda if available).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="Autocast precision (default bf16 on GPU, fp32 on CPU).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="Autocast precision (default: the preset's, else bf16 on GPU and fp32 on CPU).")
 @click.option("--lr", type=float, help="Peak learning rate of this run, soup or baseline (overrides the preset).")
 @click.option("--min-lr-ratio", type=float,
               help="The cosine schedule ends at lr × this (overrides the preset).")

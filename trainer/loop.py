@@ -94,7 +94,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
     if shards.vocab_size > preset.model.vocab_size:
         raise SoeError(f"{workdir}: the tokenizer has {shards.vocab_size} tokens but the model's vocabulary "
                        f"is {preset.model.vocab_size}; prepare with the same preset")
-    autocast = _autocast_dtype(precision, ctx.device)
+    autocast = _autocast_dtype(precision or preset.precision, ctx.device)
     run_dir = workdir / "runs" / spec.name
     ckpt_dir = run_dir / "checkpoints"
     soup_layout = SoupLayout.for_soup(config)

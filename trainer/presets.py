@@ -54,6 +54,7 @@ class Preset:
     eval_tokens: int = 32_768
     checkpoint_every: int = 100
     storage_dtype: str = "float32"  # dtype of S and E inside the packed archive
+    precision: str | None = None  # autocast: "fp32" or "bf16"; None: bf16 on a GPU, fp32 on a CPU
 
     def replace(self, **changes: object) -> "Preset":
         return dataclasses.replace(self, **changes)
@@ -82,7 +83,10 @@ PRESETS: dict[str, Preset] = {
         # scaling α up while the schedule anneals (frozen from 4500: +0.15 %, from 3025: +0.39 % on the
         # specialist sets, benchmarks/results/README.md)
         support_choice="natural", router_freeze_at=0.55,
-        batch_size=16, grad_accum=1, max_steps=5500, lr=1e-3, baseline_lr=2e-3, expert_lr_scale=0.03, warmup_steps=200,
+        # 12000 steps in bf16 autocast: 25 % more steps per second than fp32 on a CPU with native bf16
+        # (AVX512-BF16/AMX), so 2.2× the tokens of the 5500-step fp32 soup fit the same 90 minutes
+        precision="bf16",
+        batch_size=16, grad_accum=1, max_steps=12000, lr=1e-3, baseline_lr=2e-3, expert_lr_scale=0.03, warmup_steps=200,
         eval_every=1000, eval_tokens=16_384, checkpoint_every=500, storage_dtype="float16",
     ),
     "paper-110m": Preset(
