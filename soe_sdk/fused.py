@@ -48,8 +48,43 @@ def use_instruction_set(name: str) -> str:
 
 def usable(rows: Tensor, dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
     """Whether `fused_combination` can take these rows into an output of this dtype on this device."""
-    return (available() and dtype == torch.float32 and torch.device(device).type == "cpu"
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return (available() and dtype == torch.float32 and device_type == "cpu"
             and rows.device.type == "cpu" and rows.dtype in _DTYPE_CODES)
+
+
+class BoundCombination:
+    """out = base + α @ rows for fixed base and rows, checked once: each call only passes α and out.
+
+    A merge plan binds every small parameter once, so instantiating a model of many small
+    tensors costs one kernel call per tensor and almost no Python. Holds references to
+    `base` and `rows`, so their memory (e.g. the archive's mapping) stays alive.
+    """
+
+    __slots__ = ("base", "rows", "_args")
+
+    def __init__(self, base: Tensor, rows: Tensor) -> None:
+        self.base, self.rows = base, rows
+        m, q = rows.shape
+        self._args = (q, base.data_ptr(), _DTYPE_CODES[base.dtype], rows.data_ptr(), _DTYPE_CODES[rows.dtype],
+                      rows.stride(0), m)
+
+    def __call__(self, alpha: Tensor, out: Tensor) -> Tensor:
+        """Write the combination with coefficients `alpha` (float32, contiguous, CPU) into `out` ([q] float32)."""
+        q, base, base_code, rows, rows_code, stride, m = self._args
+        if out.numel() != q or alpha.numel() != m or out.dtype != torch.float32 or alpha.dtype != torch.float32:
+            raise ValueError(f"bound combination of {m} rows × {q}: got α of {alpha.numel()} and out of {out.numel()}")
+        _merge_kernel.combine(out.data_ptr(), q, base, base_code, rows, rows_code, stride, m, alpha.data_ptr())
+        return out
+
+
+def bind(base: Tensor, rows: Tensor) -> BoundCombination | None:
+    """A `BoundCombination` of these CPU tensors, or None when the kernel cannot take them."""
+    m, q = rows.shape
+    if not (usable(rows, torch.float32) and base.device.type == "cpu" and base.dtype in _DTYPE_CODES
+            and base.is_contiguous() and base.numel() == q and (q <= 1 or rows.stride(1) == 1)):
+        return None
+    return BoundCombination(base, rows)
 
 
 def fused_combination(base: Tensor | None, alpha: Tensor, rows: Tensor, out: Tensor) -> bool:

@@ -312,6 +312,7 @@ class _ParameterPlan:
     rows: Tensor | None  # [count, numel] view of the kept (consecutive) expert rows, when one block holds them
     shared: Tensor | None  # flat view of S, with `rows`
     same_dtype: bool  # `rows` and S already have the merge dtype: one combination straight from the file
+    combine: fused.BoundCombination | None = None  # the fused kernel bound to `shared` and `rows`, when it applies
 
 
 def as_domain_weights(h: Any, k: int) -> Tensor:
@@ -538,7 +539,8 @@ class Soup:
                     rows = flat_s = None  # more rows than the scratch buffer holds: the blocked path
                 else:
                     read = flat_s.numel() * flat_s.element_size() + rows.numel() * rows.element_size()
-        return _ParameterPlan(name, torch.Size(shape), inputs, read, rows, flat_s, same)
+        combine = fused.bind(flat_s, rows) if rows is not None and dtype == torch.float32 else None
+        return _ParameterPlan(name, torch.Size(shape), inputs, read, rows, flat_s, same, combine)
 
     def _input_names(self, name: str, keep: Sequence[int]) -> list[str]:
         names = [f"shared.{name}"]
@@ -550,11 +552,10 @@ class Soup:
     def _merge(self, plan: _ParameterPlan, a_keep: Tensor, keep: list[int], dtype: torch.dtype, scratch: Tensor,
                pages: _MappedPages) -> Tensor:
         if plan.rows is not None:  # one block of consecutive experts on the CPU
-            if plan.same_dtype and not fused.usable(plan.rows, dtype, self.device):  # one combination straight from the file
+            if plan.combine is not None and fused.available():  # the fused kernel reads the mapped rows once
+                theta = plan.combine(a_keep, torch.empty(plan.rows.shape[1], dtype=dtype))
+            elif plan.same_dtype:  # one combination straight from the file
                 theta = add_combination(plan.shared, a_keep, plan.rows)
-            elif fused.usable(plan.rows, dtype, self.device):  # the fused kernel reads the mapped rows once, in their dtype
-                theta = torch.empty(plan.rows.shape[1], dtype=dtype)
-                _combine_rows(plan.shared, a_keep, plan.rows, theta)
             else:  # convert the rows into the scratch buffer (in cache), then one combination
                 count, numel = plan.rows.shape
                 rows = scratch[:count * numel].view(count, numel)
