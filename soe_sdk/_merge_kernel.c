@@ -88,74 +88,46 @@ static void add4_scalar(float *acc, const void *const *src, int dtype, const flo
 static const Kernel SCALAR = {"scalar", set_scalar, add4_scalar};
 
 #ifdef SOE_X86
-__attribute__((target("avx512f"))) static inline __m512 load_avx512(const void *src, int dtype, Py_ssize_t i) {
-    if (dtype == DT_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)src + i)));
-    if (dtype == DT_BF16) {
-        __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)src + i)));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+/* The same two loops for each SIMD width. HALF: the integer vector holding WIDTH 16-bit values;
+ * LOAD_HALF, CVTPH (float16 -> float32), WIDEN (uint16 -> uint32), SHIFT, CAST: its intrinsics. */
+#define DEFINE_SIMD_KERNEL(ISA, TARGET, VEC, WIDTH, HALF, LOAD_HALF, CVTPH, WIDEN, SHIFT, CAST, LOADU, STOREU,   \
+                           SET1, FMADD)                                                                        \
+    __attribute__((target(TARGET))) static inline VEC load_##ISA(const void *src, int dtype, Py_ssize_t i) {  \
+        if (dtype == DT_F16) return CVTPH(LOAD_HALF((const HALF *)((const uint16_t *)src + i)));            \
+        if (dtype == DT_BF16) return CAST(SHIFT(WIDEN(LOAD_HALF((const HALF *)((const uint16_t *)src + i))), 16)); \
+        return LOADU((const float *)src + i);                                                                \
+    }                                                                                                        \
+    __attribute__((target(TARGET))) static void set_##ISA(float *acc, const void *src, int dtype,             \
+                                                          Py_ssize_t len) {                                    \
+        Py_ssize_t i = 0;                                                                                    \
+        for (; i + WIDTH <= len; i += WIDTH) STOREU(acc + i, load_##ISA(src, dtype, i));                     \
+        set_scalar(acc + i, (const char *)src + i * item_size(dtype), dtype, len - i);                       \
+    }                                                                                                        \
+    __attribute__((target(TARGET))) static void add4_##ISA(float *acc, const void *const *src, int dtype,     \
+                                                           const float *a, Py_ssize_t len) {                  \
+        const VEC a0 = SET1(a[0]), a1 = SET1(a[1]), a2 = SET1(a[2]), a3 = SET1(a[3]);                        \
+        Py_ssize_t i = 0;                                                                                    \
+        for (; i + WIDTH <= len; i += WIDTH) {                                                               \
+            VEC r = LOADU(acc + i);                                                                          \
+            r = FMADD(a0, load_##ISA(src[0], dtype, i), r);                                                  \
+            r = FMADD(a1, load_##ISA(src[1], dtype, i), r);                                                  \
+            r = FMADD(a2, load_##ISA(src[2], dtype, i), r);                                                  \
+            r = FMADD(a3, load_##ISA(src[3], dtype, i), r);                                                  \
+            STOREU(acc + i, r);                                                                              \
+        }                                                                                                    \
+        const void *rest[GROUP];                                                                             \
+        for (int k = 0; k < GROUP; k++) rest[k] = (const char *)src[k] + i * item_size(dtype);               \
+        add4_scalar(acc + i, rest, dtype, a, len - i);                                                       \
     }
-    return _mm512_loadu_ps((const float *)src + i);
-}
 
-__attribute__((target("avx512f"))) static void set_avx512(float *acc, const void *src, int dtype, Py_ssize_t len) {
-    Py_ssize_t i = 0;
-    for (; i + 16 <= len; i += 16) _mm512_storeu_ps(acc + i, load_avx512(src, dtype, i));
-    set_scalar(acc + i, (const char *)src + i * item_size(dtype), dtype, len - i);
-}
-
-__attribute__((target("avx512f"))) static void add4_avx512(float *acc, const void *const *src, int dtype,
-                                                            const float *a, Py_ssize_t len) {
-    const __m512 a0 = _mm512_set1_ps(a[0]), a1 = _mm512_set1_ps(a[1]), a2 = _mm512_set1_ps(a[2]),
-                 a3 = _mm512_set1_ps(a[3]);
-    Py_ssize_t i = 0;
-    for (; i + 16 <= len; i += 16) {
-        __m512 r = _mm512_loadu_ps(acc + i);
-        r = _mm512_fmadd_ps(a0, load_avx512(src[0], dtype, i), r);
-        r = _mm512_fmadd_ps(a1, load_avx512(src[1], dtype, i), r);
-        r = _mm512_fmadd_ps(a2, load_avx512(src[2], dtype, i), r);
-        r = _mm512_fmadd_ps(a3, load_avx512(src[3], dtype, i), r);
-        _mm512_storeu_ps(acc + i, r);
-    }
-    const void *rest[GROUP];
-    for (int k = 0; k < GROUP; k++) rest[k] = (const char *)src[k] + i * item_size(dtype);
-    add4_scalar(acc + i, rest, dtype, a, len - i);
-}
+DEFINE_SIMD_KERNEL(avx512, "avx512f", __m512, 16, __m256i, _mm256_loadu_si256, _mm512_cvtph_ps, _mm512_cvtepu16_epi32,
+                   _mm512_slli_epi32, _mm512_castsi512_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps,
+                   _mm512_fmadd_ps)
+DEFINE_SIMD_KERNEL(avx2, "avx2,fma,f16c", __m256, 8, __m128i, _mm_loadu_si128, _mm256_cvtph_ps, _mm256_cvtepu16_epi32,
+                   _mm256_slli_epi32, _mm256_castsi256_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps,
+                   _mm256_fmadd_ps)
 
 static const Kernel AVX512 = {"avx512", set_avx512, add4_avx512};
-
-__attribute__((target("avx2,fma,f16c"))) static inline __m256 load_avx2(const void *src, int dtype, Py_ssize_t i) {
-    if (dtype == DT_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)src + i)));
-    if (dtype == DT_BF16) {
-        __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)src + i)));
-        return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-    }
-    return _mm256_loadu_ps((const float *)src + i);
-}
-
-__attribute__((target("avx2,fma,f16c"))) static void set_avx2(float *acc, const void *src, int dtype, Py_ssize_t len) {
-    Py_ssize_t i = 0;
-    for (; i + 8 <= len; i += 8) _mm256_storeu_ps(acc + i, load_avx2(src, dtype, i));
-    set_scalar(acc + i, (const char *)src + i * item_size(dtype), dtype, len - i);
-}
-
-__attribute__((target("avx2,fma,f16c"))) static void add4_avx2(float *acc, const void *const *src, int dtype,
-                                                               const float *a, Py_ssize_t len) {
-    const __m256 a0 = _mm256_set1_ps(a[0]), a1 = _mm256_set1_ps(a[1]), a2 = _mm256_set1_ps(a[2]),
-                 a3 = _mm256_set1_ps(a[3]);
-    Py_ssize_t i = 0;
-    for (; i + 8 <= len; i += 8) {
-        __m256 r = _mm256_loadu_ps(acc + i);
-        r = _mm256_fmadd_ps(a0, load_avx2(src[0], dtype, i), r);
-        r = _mm256_fmadd_ps(a1, load_avx2(src[1], dtype, i), r);
-        r = _mm256_fmadd_ps(a2, load_avx2(src[2], dtype, i), r);
-        r = _mm256_fmadd_ps(a3, load_avx2(src[3], dtype, i), r);
-        _mm256_storeu_ps(acc + i, r);
-    }
-    const void *rest[GROUP];
-    for (int k = 0; k < GROUP; k++) rest[k] = (const char *)src[k] + i * item_size(dtype);
-    add4_scalar(acc + i, rest, dtype, a, len - i);
-}
-
 static const Kernel AVX2 = {"avx2", set_avx2, add4_avx2};
 #endif
 
