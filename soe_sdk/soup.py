@@ -201,8 +201,14 @@ def merge_dense(shared: Tensor, bank: Tensor, keep: Sequence[int], alpha: Tensor
 
 
 def _combine_rows(base: Tensor | None, alpha: Tensor, rows: Tensor, out: Tensor) -> None:
-    """out = (base, or out itself when None) + alpha @ rows: the fused kernel where it applies, else torch."""
-    if not fused.fused_combination(base, alpha, rows, out):
+    """out = (base, or out itself when None) + alpha @ rows.
+
+    Rows already in out's dtype go to torch's GEMM (which reads them directly, on every torch
+    thread); rows that need widening go to the fused kernel, which converts them as it reads.
+    """
+    if rows.dtype == out.dtype and (base is None or base.dtype == out.dtype):
+        add_combination(out if base is None else base, alpha, rows, out=out)
+    elif not fused.fused_combination(base, alpha, rows, out):
         base = out if base is None else base.to(out.dtype)
         add_combination(base, alpha.to(out.dtype), rows.to(out.dtype), out=out)
 
@@ -539,7 +545,8 @@ class Soup:
                     rows = flat_s = None  # more rows than the scratch buffer holds: the blocked path
                 else:
                     read = flat_s.numel() * flat_s.element_size() + rows.numel() * rows.element_size()
-        combine = fused.bind(flat_s, rows) if rows is not None and dtype == torch.float32 else None
+        # the kernel where rows need widening; rows already in `dtype` go to torch's (multi-threaded) GEMM
+        combine = fused.bind(flat_s, rows) if rows is not None and not same and dtype == torch.float32 else None
         return _ParameterPlan(name, torch.Size(shape), inputs, read, rows, flat_s, same, combine)
 
     def _input_names(self, name: str, keep: Sequence[int]) -> list[str]:
