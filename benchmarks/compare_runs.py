@@ -55,6 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="metrics.jsonl files of the runs to compare")
     parser.add_argument("--baseline", type=Path, default=Path("benchmarks/results/demo-generic-metrics.jsonl"))
+    parser.add_argument("--plot", type=Path, help="also write a PNG of each run's gains against the step")
     args = parser.parse_args()
     reference = evaluations(args.baseline) if args.baseline.exists() else {}
     table = []
@@ -74,6 +75,30 @@ def main() -> None:
         print(f"{row['run']:<24}{row['step']:>6}{fmt(row.get('generic_gain')):>14}{fmt(row.get('specialist_mean')):>17}"
               f"{wins:>7}{fmt(row.get('specialisation_mean')):>16}{shift:>10}")
     print(f"gains relative to {args.baseline} at the same step; positive = better than the baseline")
+    if args.plot:
+        plot_gains(table, args.baseline, args.plot)
+
+
+def plot_gains(table: list[dict[str, Any]], baseline: Path, out: Path) -> None:
+    """Generic-eval and specialist-mean gain against the step, one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, run in enumerate(dict.fromkeys(row["run"] for row in table)):
+        rows = [row for row in table if row["run"] == run and "specialist_mean" in row]
+        steps = [row["step"] for row in rows]
+        ax.plot(steps, [row["specialist_mean"] for row in rows], "-o", color=f"C{i}", label=f"{run}: specialist mean")
+        ax.plot(steps, [row["generic_gain"] for row in rows], "--", color=f"C{i}", label=f"{run}: generic_eval")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"gain over {baseline.parent.name if baseline.name == 'metrics.jsonl' else baseline.stem} (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
