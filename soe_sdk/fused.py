@@ -22,9 +22,14 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ENABLED = os.environ.get("SOE_FUSED_MERGE", "1") != "0"  # SOE_FUSED_MERGE=0: always merge through torch
 
 
+def built() -> bool:
+    """True when the compiled kernel was built at install time (whether or not it is switched on)."""
+    return _merge_kernel is not None
+
+
 def available() -> bool:
     """True when merges on the CPU use the compiled kernel."""
-    return _merge_kernel is not None and _ENABLED
+    return built() and _ENABLED
 
 
 def set_enabled(enabled: bool) -> bool:

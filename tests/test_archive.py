@@ -168,6 +168,8 @@ def test_soe_info_summarises_and_verifies(tiny_soup_path: Path, tmp_path: Path) 
     data = json.loads(subprocess.run([sys.executable, "-m", "soe_sdk.cli", "info", "--json", str(tiny_soup_path)],
                                      capture_output=True, text=True, check=True).stdout)
     assert data["parameters"]["instantiated"] == soe_sdk.load(tiny_soup_path).model_config.num_parameters()
+    from soe_sdk import fused
+    assert data["merge_kernel"] == fused.instruction_set() and "merge      " in out.stdout
     bad = tmp_path / "bad.soe"
     raw = bytearray(tiny_soup_path.read_bytes())
     raw[-2] ^= 1
