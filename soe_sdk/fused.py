@@ -1,7 +1,8 @@
 """The fused merge kernel: out = base + α @ rows straight from float32, float16 or bfloat16 storage.
 
 The compiled kernel (`_merge_kernel.c`) widens 16-bit rows in registers as it reads them, so
-a float16 archive is read once at half the bytes of float32, with no conversion pass. When
+a float16 archive is read once at half the bytes of float32, with no conversion pass; large
+combinations are split by columns across torch's threads (the kernel releases the GIL). When
 the kernel was not built (no C compiler at install time) or the tensors do not qualify (not on
 the CPU, output not float32, inner stride ≠ 1), `fused_combination` returns False and the
 caller falls back to torch.
@@ -9,6 +10,7 @@ caller falls back to torch.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -19,6 +21,13 @@ except ImportError:  # built without a C compiler: torch does the merge
     _merge_kernel = None
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_ITEM_BYTES = (4, 2, 2)  # by dtype code
+# A combination of at least this many row elements is split into column ranges, one per torch
+# thread (the kernel releases the GIL); below it a thread hand-off costs more than it saves.
+PARALLEL_ELEMENTS = 1 << 22
+_COLUMN_ALIGN = 16384  # ranges start on the kernel's block boundaries
+_pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
 _ENABLED = os.environ.get("SOE_FUSED_MERGE", "1") != "0"  # SOE_FUSED_MERGE=0: always merge through torch
 
 
@@ -79,8 +88,31 @@ class BoundCombination:
         q, base, base_code, rows, rows_code, stride, m = self._args
         if out.numel() != q or alpha.numel() != m or out.dtype != torch.float32 or alpha.dtype != torch.float32:
             raise ValueError(f"bound combination of {m} rows × {q}: got α of {alpha.numel()} and out of {out.numel()}")
-        _merge_kernel.combine(out.data_ptr(), q, base, base_code, rows, rows_code, stride, m, alpha.data_ptr())
+        _combine(out.data_ptr(), q, base, base_code, rows, rows_code, stride, m, alpha.data_ptr())
         return out
+
+
+def _combine(out: int, q: int, base: int, base_code: int, rows: int, rows_code: int, stride: int, m: int,
+             alpha: int) -> None:
+    """The kernel on raw pointers; large combinations are split by columns across torch's threads."""
+    threads = min(torch.get_num_threads(), max(1, q // _COLUMN_ALIGN))
+    if threads < 2 or m * q < PARALLEL_ELEMENTS:
+        _merge_kernel.combine(out, q, base, base_code, rows, rows_code, stride, m, alpha)
+        return
+    global _pool, _pool_workers
+    if _pool is None or _pool_workers < threads - 1:
+        _pool, _pool_workers = ThreadPoolExecutor(threads - 1, thread_name_prefix="soe-merge"), threads - 1
+    width = -(-q // threads // _COLUMN_ALIGN) * _COLUMN_ALIGN
+    ranges = [(lo, min(lo + width, q)) for lo in range(0, q, width)]
+
+    def part(lo: int, hi: int) -> None:
+        _merge_kernel.combine(out + 4 * lo, hi - lo, base + _ITEM_BYTES[base_code] * lo if base else 0, base_code,
+                              rows + _ITEM_BYTES[rows_code] * lo, rows_code, stride, m, alpha)
+
+    futures = [_pool.submit(part, lo, hi) for lo, hi in ranges[1:]]
+    part(*ranges[0])
+    for future in futures:
+        future.result()
 
 
 def bind(base: Tensor, rows: Tensor) -> BoundCombination | None:
@@ -110,7 +142,6 @@ def fused_combination(base: Tensor | None, alpha: Tensor, rows: Tensor, out: Ten
         return False
     coefficients = alpha if (alpha.dtype == torch.float32 and alpha.device.type == "cpu" and alpha.is_contiguous()
                              and not alpha.requires_grad) else alpha.detach().to("cpu", torch.float32).contiguous()
-    _merge_kernel.combine(out.data_ptr(), q,
-                          0 if base is None else base.data_ptr(), 0 if base is None else _DTYPE_CODES[base.dtype],
-                          rows.data_ptr(), _DTYPE_CODES[rows.dtype], rows.stride(0), m, coefficients.data_ptr())
+    _combine(out.data_ptr(), q, 0 if base is None else base.data_ptr(), 0 if base is None else _DTYPE_CODES[base.dtype],
+             rows.data_ptr(), _DTYPE_CODES[rows.dtype], rows.stride(0), m, coefficients.data_ptr())
     return True

@@ -103,3 +103,25 @@ def test_instantiate_with_the_kernel_equals_instantiate_through_torch(tmp_path: 
         for name in with_kernel:
             assert with_kernel[name].dtype == torch.float32
             torch.testing.assert_close(with_kernel[name], with_torch[name], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_large_combination_split_across_threads_equals_torch(monkeypatch: pytest.MonkeyPatch,
+                                                               dtype: torch.dtype) -> None:
+    monkeypatch.setattr(fused, "PARALLEL_ELEMENTS", 1)  # split whatever spans more than one column range
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        gen = torch.Generator().manual_seed(7)
+        q = 3 * 16384 + 123  # three aligned ranges, the last one short
+        bank = torch.randn(7, q + 5, generator=gen).to(dtype)
+        rows, shared, alpha = bank[1:6, 2:2 + q], torch.randn(q, generator=gen).to(dtype), torch.randn(5, generator=gen)
+        out = torch.empty(q)
+        assert fused.fused_combination(shared, alpha, rows, out)
+        expected = shared.double() + alpha.double() @ rows.double()
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+        bound = fused.bind(shared, rows)
+        assert bound is not None
+        torch.testing.assert_close(bound(alpha, torch.empty(q)).double(), expected, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
