@@ -27,7 +27,7 @@ _ITEM_BYTES = (4, 2, 2)  # by dtype code
 PARALLEL_ELEMENTS = 1 << 22
 _COLUMN_ALIGN = 16384  # ranges start on the kernel's block boundaries
 _pool: ThreadPoolExecutor | None = None
-_pool_workers = 0
+_pool_owner = (0, 0)  # (pid, workers) of the pool: a forked child has none of its threads, so it makes its own
 _ENABLED = os.environ.get("SOE_FUSED_MERGE", "1") != "0"  # SOE_FUSED_MERGE=0: always merge through torch
 
 
@@ -99,9 +99,10 @@ def _combine(out: int, q: int, base: int, base_code: int, rows: int, rows_code: 
     if threads < 2 or m * q < PARALLEL_ELEMENTS:
         _merge_kernel.combine(out, q, base, base_code, rows, rows_code, stride, m, alpha)
         return
-    global _pool, _pool_workers
-    if _pool is None or _pool_workers < threads - 1:
-        _pool, _pool_workers = ThreadPoolExecutor(threads - 1, thread_name_prefix="soe-merge"), threads - 1
+    global _pool, _pool_owner
+    if _pool is None or _pool_owner[0] != os.getpid() or _pool_owner[1] < threads - 1:
+        _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="soe-merge")
+        _pool_owner = (os.getpid(), threads - 1)
     width = -(-q // threads // _COLUMN_ALIGN) * _COLUMN_ALIGN
     ranges = [(lo, min(lo + width, q)) for lo in range(0, q, width)]
 

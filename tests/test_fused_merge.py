@@ -125,3 +125,24 @@ def test_a_large_combination_split_across_threads_equals_torch(monkeypatch: pyte
         torch.testing.assert_close(bound(alpha, torch.empty(q)).double(), expected, atol=1e-5, rtol=1e-5)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_merges_with_its_own_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused, "PARALLEL_ELEMENTS", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rows, alpha = torch.ones(2, 2 * 16384, dtype=torch.float16), torch.tensor([1.0, 2.0])
+        out = torch.empty(2 * 16384)
+        assert fused.fused_combination(None, alpha, rows, out.zero_())  # the parent's pool exists now
+        pid = os.fork()
+        if pid == 0:  # child: the parent's pool threads do not exist here
+            child = torch.zeros(2 * 16384)
+            ok = fused.fused_combination(None, alpha, rows, child) and bool((child == 3).all())
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert bool((out == 3).all())
+    finally:
+        torch.set_num_threads(threads)
