@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .archive import Archive
-from .config import EmbedderSpec, ModelConfig, RouterConfig, SoupConfig
 from . import fused
+from .config import EmbedderSpec, ModelConfig, RouterConfig, SoupConfig
 from .errors import ArchiveError, SoeError
 from .model import init_parameters
 
@@ -514,7 +514,7 @@ class Soup:
 
     def _plan(self, keep: list[int], dtype: torch.dtype) -> list[_ParameterPlan]:
         """The per-parameter merge plan for these kept experts and dtype (cached: α changes, plans do not)."""
-        key = (tuple(keep), dtype)
+        key = (tuple(keep), dtype, fused.available())  # a plan made with the kernel binds it; one without does not
         plan = self._plans.pop(key, None)
         if plan is None:
             plan = [self._plan_parameter(name, shape, keep, dtype)
@@ -559,7 +559,7 @@ class Soup:
     def _merge(self, plan: _ParameterPlan, a_keep: Tensor, keep: list[int], dtype: torch.dtype, scratch: Tensor,
                pages: _MappedPages) -> Tensor:
         if plan.rows is not None:  # one block of consecutive experts on the CPU
-            if plan.combine is not None and fused.available():  # the fused kernel reads the mapped rows once
+            if plan.combine is not None:  # the fused kernel reads the mapped rows once
                 theta = plan.combine(a_keep, torch.empty(plan.rows.shape[1], dtype=dtype))
             elif plan.same_dtype:  # one combination straight from the file
                 theta = add_combination(plan.shared, a_keep, plan.rows)

@@ -146,3 +146,20 @@ def test_a_forked_child_merges_with_its_own_threads(monkeypatch: pytest.MonkeyPa
         assert bool((out == 3).all())
     finally:
         torch.set_num_threads(threads)
+
+
+def test_one_soup_switched_between_kernel_and_torch_gives_the_same_model(tmp_path: Path) -> None:
+    path = tmp_path / "soup.soe"
+    write_tiny_soup(path, n=4, storage_dtype=torch.float16)
+    soup = soe_sdk.load(path)
+    alpha = torch.tensor([0.3, -1.1, 0.8, 2.0])
+    first = soup.instantiate(alpha)  # plans made with the kernel bind it
+    previous = fused.set_enabled(False)
+    try:
+        through_torch = soup.instantiate(alpha)  # the same Soup: its plans must not reuse the kernel
+    finally:
+        fused.set_enabled(previous)
+    again = soup.instantiate(alpha)
+    for name in first:
+        torch.testing.assert_close(first[name], through_torch[name], atol=1e-6, rtol=1e-6)
+        assert torch.equal(first[name], again[name])
