@@ -255,3 +255,30 @@ def _initial_shared(work: Path) -> torch.Tensor:
     from soe_sdk.flat import FlatLayout
     config = SoupConfig(TINY.model, RouterConfig(k=4, n=TINY.experts, hidden=TINY.router_hidden))
     return FlatLayout.for_model(config.model).flatten(init_soup(config, 1), "shared.")
+
+
+def test_centroid_router_and_shared_preconditioner_train_and_pack(tmp_path: Path) -> None:
+    """A soup whose φ starts as α = F h from the centroids and whose experts share S's second moment:
+    the packed archive's φ is that map (frozen router), the settings are in the provenance, and a
+    resume with the other preconditioner is refused."""
+    from trainer.pack import pack
+    from trainer.router_init import centroid_features
+    from trainer.shards import DomainShards
+
+    work = make_workdir(tmp_path / "work")
+    preset = TINY.replace(max_steps=8, router_init="centroids", router_init_scale=2.0, router_lr_scale=0.0,
+                          expert_preconditioner="shared", expert_init_scale=0.0, router_input_scale=2.0,
+                          router_hidden=8, experts=3)
+    run_dir = train(work, preset, progress=False)
+    losses = _losses(run_dir)
+    assert len(losses) == 8 and losses[8] < losses[1]
+    pack(work, tmp_path / "kernel.soe")
+    soup = soe_sdk.load(tmp_path / "kernel.soe")
+    opt = soup.metadata["provenance"]["optimizer"]
+    assert opt["router_init"] == "centroids" and opt["expert_preconditioner"] == "shared"
+    features = centroid_features(np.load(work / "centroids.npy"), DomainShards.open(work).h_generic, 3, 2.0)
+    h = np.array([0.4, 0.3, 0.2, 0.1])
+    torch.testing.assert_close(soup.coefficients(h), torch.as_tensor(features @ h, dtype=torch.float32),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(SoeError, match="expert_preconditioner"):
+        train(work, preset.replace(max_steps=10, expert_preconditioner="own"), progress=False)

@@ -103,3 +103,55 @@ def test_zero_expert_init_starts_at_theta_equals_s_and_centring_tracks_the_mean_
     centred = torch.stack([state.alpha(h).detach() for h in draws])
     torch.testing.assert_close(centred.mean(0), torch.zeros(3), rtol=0, atol=1e-4)
     torch.testing.assert_close(centred[0] - centred[1], raw[0] - raw[1])  # differences between h are kept
+
+
+def test_shared_preconditioner_moves_each_expert_in_proportion_to_its_alpha() -> None:
+    """An expert row preconditioned by S's √v: with gradient α_j·g its step is α_j × S's step
+    (exactly, at the first step and without decay), and a zero α leaves the expert still."""
+    q, n = 40, 3
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(q, generator=gen)
+    alpha = torch.tensor([1.0, 0.25, 0.0])
+    shared, experts = torch.randn(q, generator=gen), torch.randn(n, q, generator=gen)
+    opt = FlatAdamW({"S": shared.clone(), "E": experts.clone()}, {}, weight_decay=0.0,
+                    shared_moments={"E": ("S", 0)})
+    eg = ExpertGrad()
+    eg.add(alpha, g)
+    opt.step({"S": g, "E": eg}, 1e-2)
+    s_step = opt.params["S"] - shared
+    for j in range(n):
+        torch.testing.assert_close(opt.params["E"][j] - experts[j], alpha[j] * s_step, rtol=1e-4, atol=1e-7)
+    assert torch.equal(opt.exp_avg_sq["E"], torch.zeros(n, q))  # the experts keep no second moment of their own
+    # with their own moments (the default), Adam normalises: the α = 0.25 expert moves as far as α = 1
+    own = FlatAdamW({"S": shared.clone(), "E": experts.clone()}, {}, weight_decay=0.0)
+    own.step({"S": g, "E": eg}, 1e-2)
+    torch.testing.assert_close(own.params["E"][1] - experts[1], own.params["E"][0] - experts[0], rtol=1e-3, atol=1e-6)
+
+
+def test_centroid_router_is_linear_in_h_and_zero_at_the_generic_mixture() -> None:
+    import numpy as np
+
+    from soe_sdk.soup import router_forward
+    from trainer.router_init import centroid_features, linear_router
+
+    rng = np.random.default_rng(0)
+    centroids = rng.normal(size=(12, 20))
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    h_generic = rng.dirichlet(np.ones(12))
+    features = centroid_features(centroids, h_generic, n=4, scale=2.0)
+    router = linear_router(features, hidden=10)
+    hs = torch.as_tensor(rng.dirichlet(np.ones(12), size=5), dtype=torch.float32)
+    torch.testing.assert_close(router_forward(router, hs), hs @ torch.as_tensor(features, dtype=torch.float32).T,
+                               rtol=1e-5, atol=1e-5)
+    assert float(router_forward(router, torch.as_tensor(h_generic, dtype=torch.float32)).abs().max()) < 1e-5
+    assert abs(float((h_generic * (features ** 2).sum(0)).sum()) - 4.0) < 1e-9  # RMS ‖α‖ of one domain = scale
+    # similar centroids get similar α: the two closest domains are nearer in α than the two farthest
+    sim = centroids @ centroids.T - 2 * np.eye(12)
+    near, far = np.unravel_index(sim.argmax(), sim.shape), np.unravel_index((sim + 4 * np.eye(12)).argmin(), sim.shape)
+    dist = lambda a, b: float(np.linalg.norm(features[:, a] - features[:, b]))  # noqa: E731
+    assert dist(*near) < dist(*far)
+    import pytest
+
+    from soe_sdk.errors import SoeError
+    with pytest.raises(SoeError, match="hidden width"):
+        linear_router(features, hidden=7)

@@ -96,6 +96,11 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
 @click.option("--router-input-scale", type=float,
               help="Train φ on c·h (overrides the preset; pack folds c into φ's first layer).")
 @click.option("--expert-init-scale", type=float, help="× the dense experts' initial values (0: start at Θ = S).")
+@click.option("--router-init", type=click.Choice(["random", "centroids"]),
+              help="φ's initialisation: random, or the linear map α = F h from the centroids' principal axes.")
+@click.option("--router-init-scale", type=float, help="With --router-init centroids: RMS ‖α‖ of a single domain.")
+@click.option("--expert-preconditioner", type=click.Choice(["own", "shared"]),
+              help="Experts' Adam second moment: their own, or S's (updates then scale with α).")
 @click.option("--centre-alpha/--no-centre-alpha", default=None,
               help="Merge with α − ᾱ (running mean of α over π) during training (overrides the preset).")
 @click.option("--batch-size", type=int, help="Sequences per micro-batch (overrides the preset).")
@@ -113,6 +118,7 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
           expert_lr_scale: float | None, router_lr_scale: float | None, router_freeze_at: float | None,
           router_input_scale: float | None,
           expert_init_scale: float | None,
+          router_init: str | None, router_init_scale: float | None, expert_preconditioner: str | None,
           centre_alpha: bool | None,
           batch_size: int | None,
           grad_accum: int | None, support_size: int | None, support_choice: str | None,
@@ -130,7 +136,9 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
     overrides = {k: v for k, v in {"lr": lr, "min_lr_ratio": min_lr_ratio, "expert_lr_scale": expert_lr_scale,
                                    "router_lr_scale": router_lr_scale, "router_freeze_at": router_freeze_at,
                                    "router_input_scale": router_input_scale, "centre_alpha": centre_alpha,
-                                   "expert_init_scale": expert_init_scale, "batch_size": batch_size, "grad_accum": grad_accum,
+                                   "expert_init_scale": expert_init_scale, "router_init": router_init,
+                                   "router_init_scale": router_init_scale,
+                                   "expert_preconditioner": expert_preconditioner, "batch_size": batch_size, "grad_accum": grad_accum,
                                    "support_size": support_size, "support_choice": support_choice,
                                    "neighbour_share": neighbour_share,
                                    "expert_rank": expert_rank}.items() if v is not None}

@@ -113,7 +113,9 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                             betas=(preset.beta1, preset.beta2),
                             weight_decay=preset.weight_decay, expert_lr_scale=preset.expert_lr_scale,
                             router_lr_scale=preset.router_lr_scale, router_input_scale=preset.router_input_scale,
-                            centre_alpha=preset.centre_alpha)
+                            centre_alpha=preset.centre_alpha, expert_preconditioner=preset.expert_preconditioner)
+    if n and preset.router_init != "random":
+        state.set_router(_initial_router(preset, workdir, shards, n))
 
     peak_lr = preset.lr if n or preset.baseline_lr is None else preset.baseline_lr
     start = 0
@@ -134,7 +136,9 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                 "expert_lr_scale": preset.expert_lr_scale, "router_lr_scale": preset.router_lr_scale,
                 "router_freeze_at": preset.router_freeze_at,
                 "router_input_scale": preset.router_input_scale, "centre_alpha": preset.centre_alpha,
-                "expert_init_scale": preset.expert_init_scale, "storage_dtype": preset.storage_dtype,
+                "expert_init_scale": preset.expert_init_scale, "router_init": preset.router_init,
+                "router_init_scale": preset.router_init_scale,
+                "expert_preconditioner": preset.expert_preconditioner, "storage_dtype": preset.storage_dtype,
                 "precision": "fp32" if autocast is None else "bf16"}
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -237,6 +241,15 @@ def _meta_sampler(preset: Preset, shards: DomainShards, workdir: Path,
     raise SoeError(f"--support-choice {choice!r}: use uniform, natural or neighbours")
 
 
+def _initial_router(preset: Preset, workdir: Path, shards: DomainShards, n: int) -> dict[str, torch.Tensor]:
+    if preset.router_init != "centroids":
+        raise SoeError(f"--router-init {preset.router_init!r}: use random or centroids")
+    from .router_init import centroid_features, linear_router
+    features = centroid_features(np.load(workdir / "centroids.npy"), shards.h_generic, n, preset.router_init_scale)
+    # training feeds φ with c·h (router_input_scale); divide so that the trained map is still F h
+    return linear_router(features / preset.router_input_scale, preset.router_hidden)
+
+
 def _fault_injection_hook(rank: int, step: int) -> None:
     """Test hook: SOE_TEST_KILL_RANK_AT_STEP=RANK:STEP makes that rank exit abruptly as it starts
     that step, as a crashed node would (tests/robustness/test_distributed.py)."""
@@ -261,7 +274,8 @@ def _check_same_run(saved: dict[str, Any], config: SoupConfig, sharding: str, wo
         raise SoeError(f"{run_dir}: the checkpoint was trained with another configuration; "
                        "use another run name or delete the run folder")
     run = saved.get("run", {})
-    checked = [("router_input_scale", 1.0), ("centre_alpha", False), ("support_choice", "uniform")]
+    checked = [("router_input_scale", 1.0), ("centre_alpha", False), ("support_choice", "uniform"),
+               ("expert_preconditioner", "own")]
     if preset.support_choice == "neighbours":
         checked.append(("neighbour_share", 0.5))
     for key, default in checked:

@@ -90,6 +90,9 @@ class FlatAdamW:
     eps: float = 1e-8
     weight_decay: float = 0.1
     lr_scale: dict[str, float] = field(default_factory=dict)  # per parameter name; 1.0 when absent
+    # name → (source, column): that parameter's rows are preconditioned by the source's second
+    # moment from that column on (an expert's gradient α_j·∇Θ over √v of ∇S = ∇Θ), not their own
+    shared_moments: dict[str, tuple[str, int]] = field(default_factory=dict)
     step_count: int = 0
     exp_avg: dict[str, Tensor] = field(default_factory=dict)
     exp_avg_sq: dict[str, Tensor] = field(default_factory=dict)
@@ -110,8 +113,12 @@ class FlatAdamW:
             m, v = self.exp_avg[name], self.exp_avg_sq[name]
             if isinstance(grad, ExpertGrad):
                 buffer = torch.empty(p.shape[-1], dtype=p.dtype, device=p.device)
+                denom = self._shared_denominator(name, p.shape[-1])
                 for j, row in enumerate(grad.rows(buffer)):
-                    self._update(p[j], row, m[j], v[j], end, lr_p, step)
+                    if denom is None:
+                        self._update(p[j], row, m[j], v[j], end, lr_p, step)
+                    else:
+                        self._update_shared(p[j], row, m[j], denom, end, lr_p)
             else:
                 self._update(p, grad, m, v, end, lr_p, step)
 
@@ -128,6 +135,21 @@ class FlatAdamW:
             torch._fused_adamw_([p[..., sl]], [grad[..., sl]], [m[..., sl]], [v[..., sl]], [], [step],
                                 lr=lr, beta1=b1, beta2=b2, weight_decay=decay, eps=self.eps, amsgrad=False,
                                 maximize=False)
+
+    def _shared_denominator(self, name: str, width: int) -> Tensor | None:
+        """√v̂ + ε of the source parameter (already updated this step: S comes before E)."""
+        if name not in self.shared_moments:
+            return None
+        source, column = self.shared_moments[name]
+        v = self.exp_avg_sq[source][column:column + width]
+        return (v / (1 - self.betas[1] ** self.step_count)).sqrt_().add_(self.eps)
+
+    def _update_shared(self, p: Tensor, grad: Tensor, m: Tensor, denom: Tensor, end: int, lr: float) -> None:
+        b1 = self.betas[0]
+        m.lerp_(grad, 1 - b1)
+        if end:
+            p[:end].mul_(1 - lr * self.weight_decay)
+        p.addcdiv_(m, denom, value=-lr / (1 - b1 ** self.step_count))
 
     def state_tensors(self) -> dict[str, Tensor]:
         out = {f"opt.m.{k}": v for k, v in self.exp_avg.items()}

@@ -42,6 +42,11 @@ class Preset:
     router_input_scale: float = 1.0  # φ is trained on c·h (c = k: a uniform h gives unit inputs, so
     # α reacts to h from step 0); `soe-train pack` folds c into fc1, the archive holds the plain φ(h)
     expert_init_scale: float = 1.0  # × the dense experts' initial N(0, 0.02/√n) values (0: Θ = S at step 0)
+    router_init: str = "random"  # "random" or "centroids": φ starts as α = F h, F from the centroids'
+    # principal axes (trainer/router_init.py), so similar mixtures share expert updates
+    router_init_scale: float = 1.0  # with "centroids": RMS of ‖α‖ over single domains (weighted by the corpus)
+    expert_preconditioner: str = "own"  # "own": Adam moments per expert; "shared": each expert's update is
+    # its momentum over S's √v, so it moves in proportion to its α rather than at the full rate
     centre_alpha: bool = False  # merge with α − ᾱ (ᾱ: running mean over π), so experts learn only what
     # varies with h and S the rest; pack folds ᾱ into φ's output bias
     min_lr_ratio: float = 0.1

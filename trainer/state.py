@@ -34,7 +34,8 @@ class SoupState:
                  router: dict[str, Tensor], *, factors: Tensor | None = None, lo: int = 0, hi: int | None = None,
                  betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.1,
                  expert_lr_scale: float = 1.0, router_lr_scale: float = 1.0,
-                 router_input_scale: float = 1.0, centre_alpha: bool = False) -> None:
+                 router_input_scale: float = 1.0, centre_alpha: bool = False,
+                 expert_preconditioner: str = "own") -> None:
         self.config, self.layout = config, layout
         self.router_input_scale = router_input_scale
         # Centring: Θ = S + Σ_j (α_j − ᾱ_j) E_j with ᾱ a running mean of α over the draws of π.
@@ -61,7 +62,11 @@ class SoupState:
             params.update(self.router)
             decay.update({k: (v.shape[-1] if k.endswith("weight") else 0) for k, v in self.router.items()})
         scales = {"E": expert_lr_scale, "F": expert_lr_scale, **{k: router_lr_scale for k in self.router}}
-        self.optimizer = FlatAdamW(params, decay, betas=betas, weight_decay=weight_decay, lr_scale=scales)
+        if expert_preconditioner not in ("own", "shared"):
+            raise SoeError(f"--expert-preconditioner {expert_preconditioner!r}: use own or shared")
+        shared_moments = {"E": ("S", self.e0)} if expert_preconditioner == "shared" and self.n else {}
+        self.optimizer = FlatAdamW(params, decay, betas=betas, weight_decay=weight_decay, lr_scale=scales,
+                                   shared_moments=shared_moments)
 
     @classmethod
     def fresh(cls, config: SoupConfig, seed: int, device: torch.device,
@@ -112,6 +117,12 @@ class SoupState:
     def set_router_lr_scale(self, scale: float) -> None:
         """φ learns at lr × `scale` from the next optimizer step on (0: φ frozen)."""
         self.optimizer.lr_scale.update({k: scale for k in self.router})
+
+    def set_router(self, tensors: dict[str, Tensor]) -> None:
+        """Replace φ's parameters (a fresh run's initialisation, e.g. trainer/router_init.py)."""
+        with torch.no_grad():
+            for k, v in self.router.items():
+                v.copy_(tensors[k].to(v))
 
     def zero_grad(self) -> None:
         self.grad_shared.zero_()
