@@ -267,7 +267,8 @@ def test_centroid_router_and_shared_preconditioner_train_and_pack(tmp_path: Path
 
     work = make_workdir(tmp_path / "work")
     preset = TINY.replace(max_steps=8, router_init="centroids", router_init_scale=2.0, router_lr_scale=0.0,
-                          expert_preconditioner="shared", expert_init_scale=0.0, router_input_scale=2.0,
+                          expert_preconditioner="shared", centre_expert_gradients=True, expert_init_scale=0.0,
+                          router_input_scale=2.0,
                           router_hidden=8, experts=3)
     run_dir = train(work, preset, progress=False)
     losses = _losses(run_dir)
@@ -276,6 +277,7 @@ def test_centroid_router_and_shared_preconditioner_train_and_pack(tmp_path: Path
     soup = soe_sdk.load(tmp_path / "kernel.soe")
     opt = soup.metadata["provenance"]["optimizer"]
     assert opt["router_init"] == "centroids" and opt["expert_preconditioner"] == "shared"
+    assert opt["centre_expert_gradients"] is True
     features = centroid_features(np.load(work / "centroids.npy"), DomainShards.open(work).h_generic, 3, 2.0)
     h = np.array([0.4, 0.3, 0.2, 0.1])
     torch.testing.assert_close(soup.coefficients(h), torch.as_tensor(features @ h, dtype=torch.float32),

@@ -155,3 +155,28 @@ def test_centroid_router_is_linear_in_h_and_zero_at_the_generic_mixture() -> Non
     from soe_sdk.errors import SoeError
     with pytest.raises(SoeError, match="hidden width"):
         linear_router(features, hidden=7)
+
+
+def test_centred_expert_gradients_drop_the_running_mean_gradient() -> None:
+    """With centred gradients an expert learns Σ_m α_mj (g_m − m̂/M): a gradient that every micro-batch
+    shares (here: the same g twice, and a step that repeats S's mean) moves no expert, whatever α is."""
+    q, n = 30, 2
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(q, generator=gen)
+    shared, experts = torch.randn(q, generator=gen), torch.randn(n, q, generator=gen)
+    opt = FlatAdamW({"S": shared.clone(), "E": experts.clone()}, {}, weight_decay=0.0,
+                    shared_moments={"E": ("S", 0)}, centred_gradients=frozenset({"E"}))
+    eg = ExpertGrad()
+    for alpha in (torch.tensor([0.9, -0.3]), torch.tensor([0.2, 0.5])):  # two micro-batches, same gradient
+        eg.add(alpha, g / 2)
+    opt.step({"S": g, "E": eg}, 1e-2)
+    torch.testing.assert_close(opt.params["E"], experts, rtol=0, atol=1e-7)
+    assert not torch.equal(opt.params["S"], shared)
+    # a micro-batch gradient that differs from the mean does move the experts, with the sign of α
+    eg = ExpertGrad()
+    eg.add(torch.tensor([1.0, -1.0]), 3 * g)
+    before = opt.params["E"].clone()
+    opt.step({"S": 3 * g, "E": eg}, 1e-2)
+    moved = opt.params["E"] - before
+    assert float(moved.abs().max()) > 0
+    torch.testing.assert_close(moved[0], -moved[1])

@@ -101,6 +101,8 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
 @click.option("--router-init-scale", type=float, help="With --router-init centroids: RMS ‖α‖ of a single domain.")
 @click.option("--expert-preconditioner", type=click.Choice(["own", "shared"]),
               help="Experts' Adam second moment: their own, or S's (updates then scale with α).")
+@click.option("--centre-expert-gradients/--no-centre-expert-gradients", default=None,
+              help="With --expert-preconditioner shared: experts learn from ∇Θ minus S's running mean gradient.")
 @click.option("--centre-alpha/--no-centre-alpha", default=None,
               help="Merge with α − ᾱ (running mean of α over π) during training (overrides the preset).")
 @click.option("--batch-size", type=int, help="Sequences per micro-batch (overrides the preset).")
@@ -119,6 +121,7 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
           router_input_scale: float | None,
           expert_init_scale: float | None,
           router_init: str | None, router_init_scale: float | None, expert_preconditioner: str | None,
+          centre_expert_gradients: bool | None,
           centre_alpha: bool | None,
           batch_size: int | None,
           grad_accum: int | None, support_size: int | None, support_choice: str | None,
@@ -138,7 +141,8 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
                                    "router_input_scale": router_input_scale, "centre_alpha": centre_alpha,
                                    "expert_init_scale": expert_init_scale, "router_init": router_init,
                                    "router_init_scale": router_init_scale,
-                                   "expert_preconditioner": expert_preconditioner, "batch_size": batch_size, "grad_accum": grad_accum,
+                                   "expert_preconditioner": expert_preconditioner,
+                                   "centre_expert_gradients": centre_expert_gradients, "batch_size": batch_size, "grad_accum": grad_accum,
                                    "support_size": support_size, "support_choice": support_choice,
                                    "neighbour_share": neighbour_share,
                                    "expert_rank": expert_rank}.items() if v is not None}

@@ -93,6 +93,10 @@ class FlatAdamW:
     # name → (source, column): that parameter's rows are preconditioned by the source's second
     # moment from that column on (an expert's gradient α_j·∇Θ over √v of ∇S = ∇Θ), not their own
     shared_moments: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # names whose rows, with shared moments, learn from g − m̂ (m̂: the source's bias-corrected first
+    # moment): Σ_m α_mj (g_m − m̂) drops the running-mean gradient every micro-batch shares, which
+    # α's sampling noise would otherwise spread over the experts with random signs
+    centred_gradients: frozenset[str] = frozenset()
     step_count: int = 0
     exp_avg: dict[str, Tensor] = field(default_factory=dict)
     exp_avg_sq: dict[str, Tensor] = field(default_factory=dict)
@@ -114,10 +118,13 @@ class FlatAdamW:
             if isinstance(grad, ExpertGrad):
                 buffer = torch.empty(p.shape[-1], dtype=p.dtype, device=p.device)
                 denom = self._shared_denominator(name, p.shape[-1])
+                mean, weights = self._shared_mean(name, grad, p.shape[-1])
                 for j, row in enumerate(grad.rows(buffer)):
                     if denom is None:
                         self._update(p[j], row, m[j], v[j], end, lr_p, step)
                     else:
+                        if mean is not None:
+                            row.sub_(mean, alpha=weights[j])
                         self._update_shared(p[j], row, m[j], denom, end, lr_p)
             else:
                 self._update(p, grad, m, v, end, lr_p, step)
@@ -143,6 +150,16 @@ class FlatAdamW:
         source, column = self.shared_moments[name]
         v = self.exp_avg_sq[source][column:column + width]
         return (v / (1 - self.betas[1] ** self.step_count)).sqrt_().add_(self.eps)
+
+    def _shared_mean(self, name: str, grad: ExpertGrad, width: int) -> tuple[Tensor | None, list[float]]:
+        """(m̂ of the source over this parameter's columns, mean_m α_mj per row), when its gradients are centred."""
+        if name not in self.centred_gradients or name not in self.shared_moments or not grad.grads:
+            return None, []
+        source, column = self.shared_moments[name]
+        mean = self.exp_avg[source][column:column + width] / (1 - self.betas[0] ** self.step_count)
+        # ∇S is the sum of the M micro-batches' (pre-scaled, clipped) gradients, so m̂/M is one micro-batch's
+        # share: Σ_m α_mj (g_m − m̂/M) = row_j − mean_m(α_mj)·m̂
+        return mean, torch.stack(grad.alphas).mean(0).tolist()
 
     def _update_shared(self, p: Tensor, grad: Tensor, m: Tensor, denom: Tensor, end: int, lr: float) -> None:
         b1 = self.betas[0]

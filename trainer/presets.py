@@ -47,6 +47,7 @@ class Preset:
     router_init_scale: float = 1.0  # with "centroids": RMS of ‖α‖ over single domains (weighted by the corpus)
     expert_preconditioner: str = "own"  # "own": Adam moments per expert; "shared": each expert's update is
     # its momentum over S's √v, so it moves in proportion to its α rather than at the full rate
+    centre_expert_gradients: bool = False  # with "shared": experts learn from ∇Θ − (S's running mean of ∇Θ)
     centre_alpha: bool = False  # merge with α − ᾱ (ᾱ: running mean over π), so experts learn only what
     # varies with h and S the rest; pack folds ᾱ into φ's output bias
     min_lr_ratio: float = 0.1

@@ -35,7 +35,7 @@ class SoupState:
                  betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.1,
                  expert_lr_scale: float = 1.0, router_lr_scale: float = 1.0,
                  router_input_scale: float = 1.0, centre_alpha: bool = False,
-                 expert_preconditioner: str = "own") -> None:
+                 expert_preconditioner: str = "own", centre_gradients: bool = False) -> None:
         self.config, self.layout = config, layout
         self.router_input_scale = router_input_scale
         # Centring: Θ = S + Σ_j (α_j − ᾱ_j) E_j with ᾱ a running mean of α over the draws of π.
@@ -65,8 +65,11 @@ class SoupState:
         if expert_preconditioner not in ("own", "shared"):
             raise SoeError(f"--expert-preconditioner {expert_preconditioner!r}: use own or shared")
         shared_moments = {"E": ("S", self.e0)} if expert_preconditioner == "shared" and self.n else {}
+        if centre_gradients and not shared_moments:
+            raise SoeError("--centre-expert-gradients needs --expert-preconditioner shared (it uses S's moments)")
         self.optimizer = FlatAdamW(params, decay, betas=betas, weight_decay=weight_decay, lr_scale=scales,
-                                   shared_moments=shared_moments)
+                                   shared_moments=shared_moments,
+                                   centred_gradients=frozenset({"E"}) if centre_gradients else frozenset())
 
     @classmethod
     def fresh(cls, config: SoupConfig, seed: int, device: torch.device,
