@@ -285,3 +285,21 @@ def test_centroid_router_and_shared_preconditioner_train_and_pack(tmp_path: Path
     with pytest.raises(SoeError, match="expert_preconditioner"):
         train(work, preset.replace(max_steps=10, expert_preconditioner="own", centre_expert_gradients=False),
               progress=False)
+
+
+def test_expert_start_at_keeps_the_experts_still_until_then(tmp_path: Path) -> None:
+    from trainer import checkpoint as ckpt
+    work = make_workdir(tmp_path / "work")
+    preset = TINY.replace(max_steps=10, expert_start_at=0.5, checkpoint_every=5)
+    run_dir = train(work, preset, progress=False, stop_after=5)
+    half, _ = ckpt.load_checkpoint(run_dir / "checkpoints", 5)
+    from soe_sdk.config import RouterConfig, SoupConfig
+    from trainer.state import SoupState
+    fresh = SoupState.fresh(SoupConfig(TINY.model, RouterConfig(k=4, n=TINY.experts, hidden=TINY.router_hidden)), 0,
+                            torch.device("cpu"))
+    assert torch.equal(half["E"], fresh.experts)  # steps 1–5: the experts have not moved
+    assert not torch.equal(half["S"], fresh.shared)
+    train(work, preset, progress=False)
+    end, _ = ckpt.load_checkpoint(run_dir / "checkpoints", 10)
+    assert not torch.equal(end["E"], half["E"])  # from step 6 on they learn
+    assert json.loads((run_dir / "run.json").read_text())["expert_start_at"] == 0.5

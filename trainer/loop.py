@@ -135,7 +135,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                 "world": ctx.world, "sharding": sharding if bank else "ddp", "lr": peak_lr,
                 "min_lr_ratio": preset.min_lr_ratio,
                 "expert_lr_scale": preset.expert_lr_scale, "router_lr_scale": preset.router_lr_scale,
-                "router_freeze_at": preset.router_freeze_at,
+                "router_freeze_at": preset.router_freeze_at, "expert_start_at": preset.expert_start_at,
                 "router_input_scale": preset.router_input_scale, "centre_alpha": preset.centre_alpha,
                 "expert_init_scale": preset.expert_init_scale, "router_init": preset.router_init,
                 "router_init_scale": preset.router_init_scale,
@@ -155,6 +155,9 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
     if not 0.0 <= preset.router_freeze_at <= 1.0:
         raise SoeError(f"--router-freeze-at {preset.router_freeze_at}: must be a fraction between 0 and 1")
     router_freeze_step = round(preset.router_freeze_at * total_steps)  # the first step at which φ is frozen
+    if not 0.0 <= preset.expert_start_at < 1.0:
+        raise SoeError(f"--expert-start-at {preset.expert_start_at}: must be a fraction in [0, 1)")
+    expert_start_step = round(preset.expert_start_at * total_steps)  # the first step at which experts learn
     tokens_per_step = micro_total * preset.batch_size * seq
     end = total_steps if stop_after is None else min(total_steps, start + stop_after)
     bar = tqdm(total=end, initial=start, desc=f"train {spec.name}", disable=not (progress and ctx.is_main),
@@ -201,6 +204,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
         lr = lr_at(step, lr=peak_lr, warmup=preset.warmup_steps, total=total_steps, min_ratio=preset.min_lr_ratio)
         if step >= router_freeze_step:
             state.set_router_lr_scale(0.0)
+        state.set_expert_lr_scale(preset.expert_lr_scale if step >= expert_start_step else 0.0)
         state.optimizer.step(grads, lr)
         mean_loss = _mean_over_ranks(losses, ctx)
         now = time.time()

@@ -37,6 +37,8 @@ class Preset:
     baseline_lr: float | None = None  # of plain models (n = 0: generic, CRISP, domain experts); None: lr
     expert_lr_scale: float = 1.0  # experts (and low-rank factors) learn at lr × this
     router_lr_scale: float = 1.0  # the router φ learns at lr × this
+    expert_start_at: float = 0.0  # fraction of the run before which the experts do not learn (0: from the
+    # start): S first learns alone, so the experts' h-dependent updates perturb a model that is already good
     router_freeze_at: float = 1.0  # fraction of the run after which φ stops learning (1.0: never); a soup's
     # router otherwise keeps scaling α up as the schedule anneals, so Θ never anneals (benchmarks/results)
     router_input_scale: float = 1.0  # φ is trained on c·h (c = k: a uniform h gives unit inputs, so

@@ -121,6 +121,10 @@ class SoupState:
         """φ learns at lr × `scale` from the next optimizer step on (0: φ frozen)."""
         self.optimizer.lr_scale.update({k: scale for k in self.router})
 
+    def set_expert_lr_scale(self, scale: float) -> None:
+        """The experts (and low-rank factors) learn at lr × `scale` from the next optimizer step on."""
+        self.optimizer.lr_scale.update({k: scale for k in ("E", "F")})
+
     def set_router(self, tensors: dict[str, Tensor]) -> None:
         """Replace φ's parameters (a fresh run's initialisation, e.g. trainer/router_init.py)."""
         with torch.no_grad():
