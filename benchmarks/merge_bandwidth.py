@@ -51,6 +51,7 @@ import torch  # noqa: E402
 
 import soe_sdk  # noqa: E402
 from soe_sdk import fused  # noqa: E402
+from soe_sdk import soup as soup_module  # noqa: E402
 from soe_sdk.config import EmbedderSpec, ModelConfig, RouterConfig, SoupConfig  # noqa: E402
 from soe_sdk.soup import combine_parameter, init_soup, write_soup  # noqa: E402
 
@@ -170,7 +171,6 @@ def release_rows_ab(soup, path: Path, alpha: torch.Tensor, settings: list[int], 
     """Rows a low_memory merge reads at once: speed (interleaved rounds against NumPy) and peak RSS.
 
     More rows in flight stream faster on one core but keep more page-cache folios mapped."""
-    import soe_sdk.soup as soup_module
     arrays = numpy_arrays(soup)
     a_np = alpha.numpy()
     runs: dict[object, list[float]] = {"numpy": [], **{r: [] for r in settings}}

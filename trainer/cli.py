@@ -94,7 +94,8 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
 @click.option("--router-freeze-at", type=float,
               help="Fraction of the run after which the router φ stops learning (overrides the preset; 1 = never).")
 @click.option("--expert-start-at", type=float,
-              help="Fraction of the run before which the experts do not learn (overrides the preset; 0 = from the start).")
+              help="Fraction of the run before which the experts do not learn "
+                   "(overrides the preset; 0 = from the start).")
 @click.option("--router-input-scale", type=float,
               help="Train φ on c·h (overrides the preset; pack folds c into φ's first layer).")
 @click.option("--expert-init-scale", type=float, help="× the dense experts' initial values (0: start at Θ = S).")
@@ -140,11 +141,13 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
     p = get_preset(preset)
     overrides = {k: v for k, v in {"lr": lr, "min_lr_ratio": min_lr_ratio, "expert_lr_scale": expert_lr_scale,
                                    "router_lr_scale": router_lr_scale, "router_freeze_at": router_freeze_at,
-                                   "expert_start_at": expert_start_at, "router_input_scale": router_input_scale, "centre_alpha": centre_alpha,
+                                   "expert_start_at": expert_start_at, "router_input_scale": router_input_scale,
+                                   "centre_alpha": centre_alpha,
                                    "expert_init_scale": expert_init_scale, "router_init": router_init,
                                    "router_init_scale": router_init_scale,
                                    "expert_preconditioner": expert_preconditioner,
-                                   "centre_expert_gradients": centre_expert_gradients, "batch_size": batch_size, "grad_accum": grad_accum,
+                                   "centre_expert_gradients": centre_expert_gradients, "batch_size": batch_size,
+                                   "grad_accum": grad_accum,
                                    "support_size": support_size, "support_choice": support_choice,
                                    "neighbour_share": neighbour_share,
                                    "expert_rank": expert_rank}.items() if v is not None}
