@@ -51,7 +51,6 @@ import torch  # noqa: E402
 
 import soe_sdk  # noqa: E402
 from soe_sdk import fused  # noqa: E402
-from soe_sdk import soup as soup_module  # noqa: E402
 from soe_sdk.config import EmbedderSpec, ModelConfig, RouterConfig, SoupConfig  # noqa: E402
 from soe_sdk.soup import combine_parameter, init_soup, write_soup  # noqa: E402
 
@@ -136,10 +135,6 @@ import json, sys, time
 from pathlib import Path
 import torch
 import soe_sdk
-import soe_sdk.soup
-
-if len(sys.argv) > 3:
-    soe_sdk.soup.RELEASE_ROWS = int(sys.argv[3])
 
 def status(key):
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -159,49 +154,14 @@ print(json.dumps({"low_memory": soup.low_memory, "rss_before_mb": before, "peak_
 """
 
 
-def peak_rss(path: Path, low_memory: str = "auto", release_rows: int | None = None) -> dict:
+def peak_rss(path: Path, low_memory: str = "auto") -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    extra = [] if release_rows is None else [str(release_rows)]
-    done = subprocess.run([sys.executable, "-c", RSS_CHILD, str(path), low_memory, *extra], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", RSS_CHILD, str(path), low_memory], capture_output=True,
                           text=True, env=env, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def release_rows_ab(soup, path: Path, alpha: torch.Tensor, settings: list[int], reps: int) -> list[dict]:
-    """Rows a low_memory merge reads at once: speed (interleaved rounds against NumPy) and peak RSS.
-
-    More rows in flight stream faster on one core but keep more page-cache folios mapped."""
-    arrays = numpy_arrays(soup)
-    a_np = alpha.numpy()
-    runs: dict[object, list[float]] = {"numpy": [], **{r: [] for r in settings}}
-    default = soup_module.RELEASE_ROWS
-    try:
-        for _ in range(reps):
-            for key in runs:
-                start = time.perf_counter()
-                if key == "numpy":
-                    [s + a_np @ e for s, e in arrays]
-                else:
-                    soup_module.RELEASE_ROWS = key
-                    soup.instantiate(alpha)
-                runs[key].append(time.perf_counter() - start)
-    finally:
-        soup_module.RELEASE_ROWS = default
-    del arrays
-    t_numpy = statistics.median(runs["numpy"])
-    out = []
-    for r in settings:
-        rss = peak_rss(path, "on", r)
-        row = {"release_rows": r, "default": r == default, "numpy_s": t_numpy, "warm_s": statistics.median(runs[r]),
-               "ratio": statistics.median(runs[r]) / t_numpy, "peak_rss_mb": rss["peak_rss_mb"],
-               "target_mb": rss["theta_mb"] + 300}
-        emit(row)
-        out.append(row)
-    return out
-
-
-def bench(size: str, dtype_name: str, reps: int, folder: Path, with_rss: bool,
-          release_rows: list[int] | None = None) -> dict:
+def bench(size: str, dtype_name: str, reps: int, folder: Path, with_rss: bool) -> dict:
     path = folder / f"{size}-{dtype_name}.soe"
     start = time.perf_counter()
     build_archive(path, SIZES[size], DTYPES[dtype_name])
@@ -259,8 +219,6 @@ def bench(size: str, dtype_name: str, reps: int, folder: Path, with_rss: bool,
         row["rss"] = peak_rss(path)
         row["rss"]["target_mb"] = row["rss"]["theta_mb"] + 300
         row["rss_mapped"] = peak_rss(path, "off")
-    if release_rows and soup.low_memory:
-        row["release_rows_ab"] = release_rows_ab(soup, path, alpha, release_rows, reps)
     emit(row)
     del soup
     gc.collect()
@@ -275,8 +233,6 @@ def main() -> None:
     parser.add_argument("--large-dtypes", default="float32", help="storage dtypes for the large (≥ 2 GB) archive")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--tmp", default=tempfile.gettempdir())
-    parser.add_argument("--release-rows", default="",
-                        help="e.g. 4,8,16: for the large archive, also A/B the rows a low_memory merge reads at once")
     args = parser.parse_args()
 
     emit({"setup": True, "kernel": fused.instruction_set(), "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
@@ -287,8 +243,7 @@ def main() -> None:
         for size in args.sizes.split(","):
             dtypes = args.large_dtypes if size == "large" else args.dtypes
             for dtype_name in dtypes.split(","):
-                rows.append(bench(size, dtype_name, args.reps, folder, with_rss=size == "large",
-                                  release_rows=[int(x) for x in args.release_rows.split(",") if x]))
+                rows.append(bench(size, dtype_name, args.reps, folder, with_rss=size == "large"))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -309,11 +264,6 @@ def main() -> None:
                   f"in a fresh process: {rss['peak_rss_mb']:.0f} MB (before the merge {rss['rss_before_mb']:.0f} MB, "
                   f"Θ {rss['theta_mb']:.0f} MB; target < Θ + 300 MB = {rss['target_mb']:.0f} MB: {verdict}); "
                   f"with low_memory=False: {r['rss_mapped']['peak_rss_mb']:.0f} MB")
-    for r in rows:
-        for ab in r.get("release_rows_ab", []):
-            print(f"{r['size']}-{r['storage']} low_memory, {ab['release_rows']:>2} rows at once"
-                  f"{' (default)' if ab['default'] else ''}: {ab['ratio']:.2f}x NumPy (interleaved), "
-                  f"peak RSS {ab['peak_rss_mb']:.0f} MB (limit {ab['target_mb']:.0f})")
     for r in rows:
         if r["numpy16_s"] is not None:
             print(f"{r['size']}-{r['storage']}: NumPy on the stored float16 bytes {r['numpy16_s']:.3f} s; "

@@ -14,6 +14,9 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define SOE_X86 1
@@ -181,6 +184,98 @@ static PyObject *combine(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Page-cache folios of a file mapping are mapped whole (up to 2 MB, then by one page-table entry),
+ * so pages are handed back in granules of that size. */
+#define GRANULE ((uintptr_t)2 << 20)
+
+/* Drop the page-table entries of [lo, hi) clamped to the file mapping [map_lo, map_hi): the OS page
+ * cache keeps the data, and a later read faults it back in. Never touches memory outside the mapping. */
+static void drop_pages(uintptr_t lo, uintptr_t hi, uintptr_t map_lo, uintptr_t map_hi) {
+#ifdef __linux__
+    if (lo < map_lo) lo = map_lo;
+    if (hi > map_hi) hi = map_hi;
+    if (hi > lo) madvise((void *)lo, hi - lo, MADV_DONTNEED);
+#else
+    (void)lo, (void)hi, (void)map_lo, (void)map_hi;
+#endif
+}
+
+/* combine() over a whole parameter that lies in a file mapping, handing back each granule of the
+ * base row and of every expert row as soon as the merge has moved past it. Every row is read
+ * exactly once, in one pass, and no page is faulted twice. Blocks are cut where any row enters
+ * its next granule, and the granules left behind are dropped before the next block is read, so
+ * each row has at most one granule mapped at any moment, even when all rows cross together.
+ * Single-threaded: more threads would each keep their own granules mapped. */
+static PyObject *combine_release(PyObject *self, PyObject *args) {
+    unsigned long long out_p, base_p, rows_p, alpha_p, map_lo, map_hi;
+    Py_ssize_t n, row_stride, m;
+    int base_dtype, rows_dtype;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KnKiKinnKKK", &out_p, &n, &base_p, &base_dtype, &rows_p, &rows_dtype, &row_stride,
+                          &m, &alpha_p, &map_lo, &map_hi))
+        return NULL;
+    if (n < 0 || m < 0 || base_p == 0 || base_dtype < DT_F32 || base_dtype > DT_BF16 || rows_dtype < DT_F32 ||
+        rows_dtype > DT_BF16) {
+        PyErr_SetString(PyExc_ValueError, "combine_release: negative size, no base or unknown dtype code");
+        return NULL;
+    }
+    float *out = (float *)(uintptr_t)out_p;
+    const char *base = (const char *)(uintptr_t)base_p;
+    const char *rows = (const char *)(uintptr_t)rows_p;
+    const float *alpha = (const float *)(uintptr_t)alpha_p;
+    const size_t item = item_size(rows_dtype), base_item = item_size(base_dtype);
+    const size_t row_bytes = (size_t)row_stride * item;
+    /* per stream (0: the base row, 1 + j: expert row j): its start address, how far its pages were
+     * dropped, and the column at which it enters its next granule */
+    uintptr_t *start = PyMem_Malloc(3 * (size_t)(m + 1) * sizeof *start);
+    if (start == NULL) return PyErr_NoMemory();
+    uintptr_t *dropped = start + m + 1, *cross = dropped + m + 1;
+    start[0] = (uintptr_t)base;
+    for (Py_ssize_t j = 0; j < m; j++) start[1 + j] = (uintptr_t)(rows + (size_t)j * row_bytes);
+    for (Py_ssize_t s = 0; s <= m; s++) {
+        size_t size = s ? item : base_item;
+        dropped[s] = start[s] / GRANULE * GRANULE;
+        cross[s] = (dropped[s] + GRANULE - start[s] + size - 1) / size;
+    }
+    const Kernel *k = kernel;
+    static const float zeros[BLOCK];
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t lo = 0, hi; lo < n; lo = hi) {
+        hi = lo + BLOCK < n ? lo + BLOCK : n;
+        for (Py_ssize_t s = 0; s <= m; s++)
+            if ((Py_ssize_t)cross[s] > lo && (Py_ssize_t)cross[s] < hi) hi = (Py_ssize_t)cross[s];
+        Py_ssize_t len = hi - lo;
+        k->set(out + lo, base + (size_t)lo * base_item, base_dtype, len);
+        for (Py_ssize_t j = 0; j < m; j += GROUP) {
+            const void *src[GROUP];
+            float a[GROUP];
+            for (int g = 0; g < GROUP; g++) {
+                int real = j + g < m;
+                src[g] = real ? (const void *)(rows + (size_t)(j + g) * row_bytes + (size_t)lo * item) : zeros;
+                a[g] = real ? alpha[j + g] : 0.0f;
+            }
+            k->add4(out + lo, src, rows_dtype, a, len);
+        }
+        for (Py_ssize_t s = 0; s <= m; s++) { /* granules wholly behind every row's read position */
+            size_t size = s ? item : base_item;
+            uintptr_t done = (start[s] + (size_t)hi * size) / GRANULE * GRANULE;
+            if (done > dropped[s]) {
+                drop_pages(dropped[s], done, (uintptr_t)map_lo, (uintptr_t)map_hi);
+                dropped[s] = done;
+            }
+            if ((Py_ssize_t)cross[s] <= hi) /* entered a new granule: the next crossing lies beyond hi */
+                cross[s] = (dropped[s] + GRANULE - start[s] + size - 1) / size;
+        }
+    }
+    for (Py_ssize_t s = 0; s <= m; s++) { /* the last, partly read granule of every row */
+        uintptr_t end = start[s] + (size_t)n * (s ? item : base_item);
+        drop_pages(dropped[s], (end + GRANULE - 1) / GRANULE * GRANULE, (uintptr_t)map_lo, (uintptr_t)map_hi);
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(start);
+    Py_RETURN_NONE;
+}
+
 static PyObject *set_isa(PyObject *self, PyObject *args) {
     const char *name;
     (void)self;
@@ -210,6 +305,9 @@ static PyMethodDef methods[] = {
     {"combine", combine, METH_VARARGS,
      "combine(out, n, base, base_dtype, rows, rows_dtype, row_stride, m, alpha): out[:n] = (base or out) + "
      "alpha[:m] @ rows, from raw data pointers (base 0: out itself); dtype codes 0 f32, 1 f16, 2 bf16."},
+    {"combine_release", combine_release, METH_VARARGS,
+     "combine_release(out, n, base, base_dtype, rows, rows_dtype, row_stride, m, alpha, map_lo, map_hi): combine() "
+     "in one pass, dropping the pages of base and rows inside the file mapping [map_lo, map_hi) once read."},
     {"set_isa", set_isa, METH_VARARGS, "Use 'best', 'avx512', 'avx2' or 'scalar' code; returns the one in use."},
     {"isa", get_isa, METH_NOARGS, "The instruction set in use."},
     {NULL, NULL, 0, NULL},

@@ -125,6 +125,33 @@ def bind(base: Tensor, rows: Tensor) -> BoundCombination | None:
     return BoundCombination(base, rows)
 
 
+def releasing_combination(base: Tensor, alpha: Tensor, rows: Tensor, out: Tensor, mapping: tuple[int, int]) -> bool:
+    """out = base + Σ_i alpha[i]·rows[i] in one pass that hands back the pages of `base` and `rows`
+    inside the file mapping `mapping` (its start and end addresses) as soon as they are read.
+
+    For parameters too large to keep mapped: every row is read once, no page is faulted twice,
+    and each row keeps only about one 2 MB granule mapped at a time. Runs on one thread (more
+    threads would each keep their own granules mapped). Same shapes as `fused_combination`;
+    `base` is required. Returns False, touching nothing, when the kernel cannot take these tensors.
+    """
+    m, q = rows.shape
+    if not (usable(rows, out.dtype, out.device) and out.is_contiguous() and out.numel() == q and alpha.numel() == m
+            and (q <= 1 or rows.stride(1) == 1) and base.device.type == "cpu" and base.dtype in _DTYPE_CODES
+            and base.numel() == q and base.is_contiguous()):
+        return False
+    coefficients = _float32_coefficients(alpha)
+    _merge_kernel.combine_release(out.data_ptr(), q, base.data_ptr(), _DTYPE_CODES[base.dtype], rows.data_ptr(),
+                                  _DTYPE_CODES[rows.dtype], rows.stride(0), m, coefficients.data_ptr(), *mapping)
+    return True
+
+
+def _float32_coefficients(alpha: Tensor) -> Tensor:
+    """α as the kernel reads it: float32, contiguous, on the CPU, detached."""
+    if alpha.dtype == torch.float32 and alpha.device.type == "cpu" and alpha.is_contiguous() and not alpha.requires_grad:
+        return alpha
+    return alpha.detach().to("cpu", torch.float32).contiguous()
+
+
 def fused_combination(base: Tensor | None, alpha: Tensor, rows: Tensor, out: Tensor) -> bool:
     """out = (base if given, else out itself) + Σ_i alpha[i]·rows[i], with float32 accumulation.
 
@@ -141,8 +168,7 @@ def fused_combination(base: Tensor | None, alpha: Tensor, rows: Tensor, out: Ten
     if base is not None and not (base.device.type == "cpu" and base.dtype in _DTYPE_CODES
                                  and base.numel() == q and base.is_contiguous()):
         return False
-    coefficients = alpha if (alpha.dtype == torch.float32 and alpha.device.type == "cpu" and alpha.is_contiguous()
-                             and not alpha.requires_grad) else alpha.detach().to("cpu", torch.float32).contiguous()
+    coefficients = _float32_coefficients(alpha)
     _combine(out.data_ptr(), q, 0 if base is None else base.data_ptr(), 0 if base is None else _DTYPE_CODES[base.dtype],
              rows.data_ptr(), _DTYPE_CODES[rows.dtype], rows.stride(0), m, coefficients.data_ptr())
     return True

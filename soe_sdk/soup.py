@@ -43,7 +43,7 @@ from .model import init_parameters
 
 ROUTER_NAMES = ("router.fc1.weight", "router.fc1.bias", "router.fc2.weight", "router.fc2.bias")
 MERGE_BLOCK_BYTES = 8 << 20  # working set of one block of a dense merge (about a CPU's last-level cache)
-RELEASE_ROWS = 4  # expert rows read at once by a merge that releases pages (low_memory)
+RELEASE_ROWS = 4  # expert rows read at once by a page-releasing merge without the fused kernel
 MERGE_PLANS_KEPT = 8  # merge plans a Soup caches (one per set of kept experts and dtype), newest kept
 VERIFY_CHUNK_BYTES = 4 << 20  # bytes hashed between two releases of a tensor's pages
 LOW_MEMORY_ABOVE_BYTES = 1 << 30  # default for `low_memory`: release the pages of archives above this size
@@ -126,7 +126,7 @@ def add_combination(base: Tensor, alpha: Tensor, rows: Tensor, out: Tensor | Non
 def merge_dense(shared: Tensor, bank: Tensor, keep: Sequence[int], alpha: Tensor, *,
                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                 block_bytes: int = MERGE_BLOCK_BYTES, release: Callable[[Tensor], None] | None = None,
-                scratch: Tensor | None = None) -> Tensor:
+                mapping: tuple[int, int] | None = None, scratch: Tensor | None = None) -> Tensor:
     """S + Σ_i alpha[i]·bank[keep[i]] for one dense parameter, as a new tensor of `dtype` on `device`.
 
     Streams column blocks of the flattened parameter and reads only the `keep` rows of
@@ -137,7 +137,9 @@ def merge_dense(shared: Tensor, bank: Tensor, keep: Sequence[int], alpha: Tensor
     by one into the block, which stays in cache. With `release`, a parameter that spans several
     blocks is merged block by block, `release(view)` is called on each block of `shared` and
     of every kept row once used, and rows are then read RELEASE_ROWS at a time so that few of
-    them are mapped at once.
+    them are mapped at once. When `mapping` (the start and end addresses of a file mapping that
+    holds `shared` and `bank`) is also given and the fused kernel can take the rows, the kernel
+    merges such a parameter in one pass and hands its pages back itself instead.
     `scratch` (1-D, `dtype`, on `device`) is used as the conversion buffer when it is large
     enough, so a merge of many parameters allocates (and page-faults) it once.
     """
@@ -168,10 +170,14 @@ def merge_dense(shared: Tensor, bank: Tensor, keep: Sequence[int], alpha: Tensor
         usable = (scratch is not None and scratch.numel() >= size and scratch.dtype == dtype
                   and scratch.device == device)
         buffer = scratch if usable else torch.empty(size, dtype=dtype, device=device)
-    # A large parameter hands back each block's pages once used. The kernel maps page-cache
-    # folios (up to 2 MB) whole, so every row being read keeps up to two of them mapped:
-    # releasing reads a few rows at a time bounds that to RELEASE_ROWS rows, not all n.
+    # A large parameter hands back its pages once used. The OS maps page-cache folios (up to
+    # 2 MB) whole. The fused kernel reads every row in one pass and drops each granule once
+    # behind it (one granule per row mapped, none faulted twice); without it, blocks of a few
+    # rows at a time are released, which bounds the mapped folios to RELEASE_ROWS rows.
     releasing = release is not None and blocked
+    if releasing and direct and count and mapping is not None and fused.releasing_combination(
+            flat_s, alpha, bank2d[first:first + count], flat_out, mapping):
+        return out
     group = RELEASE_ROWS if releasing else max(count, 1)
     for lo in range(0, numel, width):
         hi = min(lo + width, numel)
@@ -289,17 +295,26 @@ class _MappedPages:
             for begin, stop in self._ranges:
                 self._madvise(begin, stop - begin, self._DONTNEED)
 
+    def mapping_of(self, *views: Tensor) -> tuple[int, int] | None:
+        """(start, end) address of the mapping of the file that holds all of `views`, or None."""
+        if self._madvise is None or any(v.device.type != "cpu" or not v.is_contiguous() or not v.numel()
+                                        for v in views):
+            return None
+        for begin, stop in self._ranges:
+            if all(begin <= v.data_ptr() and v.data_ptr() + v.numel() * v.element_size() <= stop for v in views):
+                return begin, stop
+        return None
+
     def __call__(self, view: Tensor) -> None:
-        if self._madvise is None or view.device.type != "cpu" or not view.is_contiguous() or not view.numel():
+        mapping = self.mapping_of(view)
+        if mapping is None:
             return
+        begin, stop = mapping  # mappings are page-aligned, so the clamped range is too
         start = view.data_ptr()
         end = start + view.numel() * view.element_size()
-        for begin, stop in self._ranges:  # mappings are page-aligned, so the clamped range is too
-            if begin <= start and end <= stop:
-                lo = max(begin, start // self._GRANULE * self._GRANULE)
-                hi = min(stop, -(-end // self._GRANULE) * self._GRANULE)
-                self._madvise(lo, hi - lo, self._DONTNEED)
-                return
+        lo = max(begin, start // self._GRANULE * self._GRANULE)
+        hi = min(stop, -(-end // self._GRANULE) * self._GRANULE)
+        self._madvise(lo, hi - lo, self._DONTNEED)
 
 
 @dataclass(frozen=True)
@@ -577,7 +592,8 @@ class Soup:
         if keep and f"experts.{name}" in self.archive:
             bank = self._view(f"experts.{name}")
             theta = merge_dense(shared, bank, keep, a_keep, dtype=dtype, device=self.device,
-                                release=pages if pages.active else None, scratch=scratch)
+                                release=pages if pages.active else None, mapping=pages.mapping_of(shared, bank),
+                                scratch=scratch)
             if shared.numel() > block_width(len(keep), dtype):
                 return theta  # its pages were released block by block
             read = [shared, bank[keep[0]:keep[-1] + 1]]

@@ -1,7 +1,10 @@
 """The compiled fused merge kernel against torch, on every instruction set this CPU has."""
 from __future__ import annotations
 
+import math
 import os
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -163,3 +166,90 @@ def test_one_soup_switched_between_kernel_and_torch_gives_the_same_model(tmp_pat
     for name in first:
         torch.testing.assert_close(first[name], through_torch[name], atol=1e-6, rtol=1e-6)
         assert torch.equal(first[name], again[name])
+
+
+def _mapped_mb(mapping: tuple[int, int]) -> float:
+    """Resident size of the one mapping that starts at mapping[0], from /proc/self/smaps."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split(" ", 1)[0] and not line.startswith(("Rss", "Pss")):
+            inside = int(line.split("-", 1)[0], 16) == mapping[0]
+        elif inside and line.startswith("Rss:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("this mapping has no Rss line in /proc/self/smaps")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page release uses Linux madvise")
+@pytest.mark.parametrize("storage", [torch.float32, torch.float16])
+@pytest.mark.parametrize("row_mb", [4.0, 2.7])  # rows that all enter a new 2 MB granule together, and staggered
+def test_the_releasing_kernel_reads_each_row_once_and_keeps_one_granule_per_row(
+        tmp_path: Path, isa: str, storage: torch.dtype, row_mb: float) -> None:
+    from soe_sdk.archive import Archive, write_archive
+    from soe_sdk.soup import _MappedPages, merge_dense
+
+    m = 9  # two groups of four rows and a padded one
+    q = int(row_mb * 2**20) // (4 if storage == torch.float32 else 2)
+    gen = torch.Generator().manual_seed(11)
+    shared, bank = torch.randn(q, generator=gen).to(storage), torch.randn(m, q, generator=gen).to(storage)
+    path = tmp_path / "big.soe"
+    write_archive(path, {"shared": shared, "bank": bank}, {})
+    alpha = torch.randn(m, generator=gen)
+    expected = shared.double() + alpha.double() @ bank.double()
+    with Archive(path) as archive:
+        s_view, b_view = archive.tensor("shared", verify=False), archive.tensor("bank", verify=False)
+        pages = _MappedPages(path)
+        mapping = pages.mapping_of(s_view, b_view)
+        assert mapping is not None and pages.mapping_of(shared) is None  # in-memory tensors are not the file's
+        pages.release_all()
+        assert _mapped_mb(mapping) == 0
+        samples: list[float] = []
+        done = threading.Event()
+
+        def sample() -> None:  # the file pages mapped while the kernel runs (it releases the GIL)
+            while not done.is_set():
+                samples.append(_mapped_mb(mapping))
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            merged = merge_dense(s_view, b_view, range(m), alpha, release=pages, mapping=mapping)
+        finally:
+            done.set()
+            sampler.join()
+        torch.testing.assert_close(merged.double(), expected, atol=1e-5, rtol=1e-5)
+        # every page it read was handed back, and at no point more than one 2 MB granule per row
+        # (plus one being faulted in) was mapped, of a file of (m + 1) · row_mb MB
+        assert _mapped_mb(mapping) == 0
+        assert samples and max(samples) <= 2 * (m + 1) + 2
+        assert torch.equal(s_view, shared)  # the data comes back from the page cache
+        assert _mapped_mb(mapping) >= row_mb / 2
+
+
+def test_the_releasing_kernel_declines_what_it_cannot_take() -> None:
+    rows, out = torch.randn(3, 8), torch.full((8,), 7.0)
+    assert not fused.releasing_combination(torch.zeros(8), torch.ones(3), torch.randn(8, 3).t(), out, (0, 1))
+    assert not fused.releasing_combination(torch.zeros(4), torch.ones(3), rows, out, (0, 1))  # base of wrong size
+    assert torch.equal(out, torch.full((8,), 7.0))
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.float16])
+def test_a_low_memory_soup_with_parameters_of_many_blocks_merges_like_a_mapped_one(
+        tmp_path: Path, storage: torch.dtype) -> None:
+    from soe_sdk.config import EmbedderSpec, ModelConfig, RouterConfig, SoupConfig
+    from soe_sdk.soup import block_width, write_soup
+
+    from .conftest import make_soup_tensors, tiny_tokenizer_json
+
+    model = ModelConfig(vocab_size=1024, max_seq_len=32, d_model=640, n_layers=1, n_heads=2, d_mlp=64)
+    config = SoupConfig(model, RouterConfig(k=4, n=5, hidden=8))
+    assert math.prod(model.parameter_shapes()["wte.weight"]) > 2 * block_width(5, torch.float32)
+    path = tmp_path / "wide.soe"
+    write_soup(path, make_soup_tensors(config), config, centroids=torch.eye(4, 384), h_generic=torch.full((4,), 0.25),
+               embedder=EmbedderSpec(), tokenizer_json=tiny_tokenizer_json(model.vocab_size),
+               provenance={"corpus": "test"}, storage_dtype=storage)
+    alpha = torch.tensor([0.5, -1.0, 2.0, 0.25, -0.75])
+    lean, mapped = soe_sdk.load(path, low_memory=True), soe_sdk.load(path, low_memory=False)
+    for _ in range(2):  # the second merge reads pages the first one handed back
+        expected, merged = mapped.instantiate(alpha), lean.instantiate(alpha)
+        for name in expected:
+            torch.testing.assert_close(merged[name], expected[name], atol=1e-6, rtol=1e-6)
