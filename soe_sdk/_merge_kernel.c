@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <string.h>
 #ifdef __linux__
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
@@ -203,76 +204,227 @@ static void drop_pages(uintptr_t lo, uintptr_t hi, uintptr_t map_lo, uintptr_t m
 /* combine() over a whole parameter that lies in a file mapping, handing back each granule of the
  * base row and of every expert row as soon as the merge has moved past it. Every row is read
  * exactly once, in one pass, and no page is faulted twice. Blocks are cut where any row enters
- * its next granule, and the granules left behind are dropped before the next block is read, so
- * each row has at most one granule mapped at any moment, even when all rows cross together.
- * Single-threaded: more threads would each keep their own granules mapped. */
+ * its next granule, and each row's granules left behind are dropped before it reads on, so each
+ * row has at most one granule mapped at any moment, even when all rows cross together.
+ *
+ * With several threads the rows are split between them, not the columns: every row is still
+ * read by one thread only and has one granule mapped, so the resident memory does not grow with
+ * the threads. Thread 0 writes base + its rows into the output block; every other thread writes
+ * the combination of its rows into a block of its own (two, alternating), which thread 0 adds
+ * into the output once all threads have finished that block. */
+#define RELEASE_BLOCK 65536 /* columns per block: 256 KB of float32 output, still within L2 */
+#define MAX_THREADS 4
+
+typedef struct {
+    float *out;
+    const char *base, *rows;
+    const float *alpha;
+    int base_dtype, rows_dtype;
+    Py_ssize_t n, m, threads;
+    size_t row_bytes;
+    uintptr_t map_lo, map_hi;
+    uintptr_t *start;    /* per stream (0: the base row, 1 + j: expert row j): its first byte */
+    size_t *size;        /* and its element size */
+    uintptr_t *dropped;  /* how far its pages were dropped */
+    float *partial;      /* threads - 1 workers x 2 alternating blocks of RELEASE_BLOCK floats */
+#ifdef __linux__
+    pthread_barrier_t barrier;
+    pthread_mutex_t gate_lock; /* workers wait at the gate until all of them were started */
+    pthread_cond_t gate;
+    int gate_state;            /* 0: wait, 1: go, -1: not all started, return at once */
+#endif
+} ReleaseJob;
+
+/* The next block [lo, cut): at most RELEASE_BLOCK columns, ending where the first stream enters
+ * a new granule. Every thread computes the same cuts from the same inputs. */
+static Py_ssize_t next_cut(const ReleaseJob *job, Py_ssize_t lo) {
+    Py_ssize_t hi = lo + RELEASE_BLOCK < job->n ? lo + RELEASE_BLOCK : job->n;
+    for (Py_ssize_t s = 0; s <= job->m; s++) {
+        uintptr_t next = (job->start[s] + (size_t)lo * job->size[s]) / GRANULE * GRANULE + GRANULE;
+        Py_ssize_t cross = (Py_ssize_t)((next - job->start[s] + job->size[s] - 1) / job->size[s]);
+        if (cross < hi) hi = cross; /* always > lo: `next` lies beyond column lo */
+    }
+    return hi;
+}
+
+/* First row and end of thread t's share of the m expert rows (whole groups of four where possible). */
+static void rows_of(const ReleaseJob *job, Py_ssize_t t, Py_ssize_t *first, Py_ssize_t *end) {
+    Py_ssize_t groups = (job->m + GROUP - 1) / GROUP;
+    Py_ssize_t lo = groups * t / job->threads * GROUP, hi = groups * (t + 1) / job->threads * GROUP;
+    *first = lo < job->m ? lo : job->m;
+    *end = hi < job->m ? hi : job->m;
+}
+
+/* Drop stream s's granules wholly behind column `col` (only the thread that reads s calls this). */
+static void drop_behind(ReleaseJob *job, Py_ssize_t s, Py_ssize_t col) {
+    uintptr_t done = (job->start[s] + (size_t)col * job->size[s]) / GRANULE * GRANULE;
+    if (done > job->dropped[s]) {
+        drop_pages(job->dropped[s], done, job->map_lo, job->map_hi);
+        job->dropped[s] = done;
+    }
+}
+
+static void release_worker(ReleaseJob *job, Py_ssize_t t) {
+    static const float zeros[RELEASE_BLOCK];
+    const Kernel *k = kernel;
+    const size_t item = item_size(job->rows_dtype);
+    Py_ssize_t first, end;
+    rows_of(job, t, &first, &end);
+    Py_ssize_t parity = 0;
+    for (Py_ssize_t lo = 0, hi; lo < job->n; lo = hi, parity ^= 1) {
+        hi = next_cut(job, lo);
+        Py_ssize_t len = hi - lo;
+        float *dest = t == 0 ? job->out + lo : job->partial + ((t - 1) * 2 + parity) * RELEASE_BLOCK;
+        if (t == 0)
+            k->set(dest, job->base + (size_t)lo * item_size(job->base_dtype), job->base_dtype, len);
+        else
+            memset(dest, 0, (size_t)len * sizeof *dest);
+        for (Py_ssize_t j = first; j < end; j += GROUP) {
+            const void *src[GROUP];
+            float a[GROUP];
+            for (int g = 0; g < GROUP; g++) {
+                int real = j + g < end;
+                src[g] = real ? (const void *)(job->rows + (size_t)(j + g) * job->row_bytes + (size_t)lo * item) : zeros;
+                a[g] = real ? job->alpha[j + g] : 0.0f;
+            }
+            k->add4(dest, src, job->rows_dtype, a, len);
+        }
+        if (t == 0) drop_behind(job, 0, hi); /* the base row is thread 0's */
+        for (Py_ssize_t j = first; j < end; j++) drop_behind(job, 1 + j, hi);
+#ifdef __linux__
+        if (job->threads > 1) {
+            pthread_barrier_wait(&job->barrier); /* every thread has finished block [lo, hi) */
+            if (t == 0) { /* add the other threads' blocks; they fill their other block meanwhile */
+                const void *src[GROUP] = {zeros, zeros, zeros, zeros};
+                float unit[GROUP] = {0.0f, 0.0f, 0.0f, 0.0f};
+                for (Py_ssize_t w = 1; w < job->threads; w++) {
+                    src[w - 1] = job->partial + ((w - 1) * 2 + parity) * RELEASE_BLOCK;
+                    unit[w - 1] = 1.0f;
+                }
+                k->add4(job->out + lo, src, DT_F32, unit, len);
+            }
+        }
+#endif
+    }
+}
+
+#ifdef __linux__
+typedef struct {
+    ReleaseJob *job;
+    Py_ssize_t t;
+} WorkerArgs;
+
+static void *release_thread(void *arg) {
+    WorkerArgs *w = (WorkerArgs *)arg;
+    ReleaseJob *job = w->job;
+    pthread_mutex_lock(&job->gate_lock);
+    while (job->gate_state == 0) pthread_cond_wait(&job->gate, &job->gate_lock);
+    int go = job->gate_state > 0;
+    pthread_mutex_unlock(&job->gate_lock);
+    if (go) release_worker(job, w->t);
+    return NULL;
+}
+
+static void open_gate(ReleaseJob *job, int state) {
+    pthread_mutex_lock(&job->gate_lock);
+    job->gate_state = state;
+    pthread_cond_broadcast(&job->gate);
+    pthread_mutex_unlock(&job->gate_lock);
+}
+#endif
+
 static PyObject *combine_release(PyObject *self, PyObject *args) {
     unsigned long long out_p, base_p, rows_p, alpha_p, map_lo, map_hi;
-    Py_ssize_t n, row_stride, m;
+    Py_ssize_t n, row_stride, m, threads;
     int base_dtype, rows_dtype;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KnKiKinnKKK", &out_p, &n, &base_p, &base_dtype, &rows_p, &rows_dtype, &row_stride,
-                          &m, &alpha_p, &map_lo, &map_hi))
+    if (!PyArg_ParseTuple(args, "KnKiKinnKKKn", &out_p, &n, &base_p, &base_dtype, &rows_p, &rows_dtype, &row_stride,
+                          &m, &alpha_p, &map_lo, &map_hi, &threads))
         return NULL;
     if (n < 0 || m < 0 || base_p == 0 || base_dtype < DT_F32 || base_dtype > DT_BF16 || rows_dtype < DT_F32 ||
         rows_dtype > DT_BF16) {
         PyErr_SetString(PyExc_ValueError, "combine_release: negative size, no base or unknown dtype code");
         return NULL;
     }
-    float *out = (float *)(uintptr_t)out_p;
-    const char *base = (const char *)(uintptr_t)base_p;
-    const char *rows = (const char *)(uintptr_t)rows_p;
-    const float *alpha = (const float *)(uintptr_t)alpha_p;
-    const size_t item = item_size(rows_dtype), base_item = item_size(base_dtype);
-    const size_t row_bytes = (size_t)row_stride * item;
-    /* per stream (0: the base row, 1 + j: expert row j): its start address, how far its pages were
-     * dropped, and the column at which it enters its next granule */
-    uintptr_t *start = PyMem_Malloc(3 * (size_t)(m + 1) * sizeof *start);
-    if (start == NULL) return PyErr_NoMemory();
-    uintptr_t *dropped = start + m + 1, *cross = dropped + m + 1;
-    start[0] = (uintptr_t)base;
-    for (Py_ssize_t j = 0; j < m; j++) start[1 + j] = (uintptr_t)(rows + (size_t)j * row_bytes);
-    for (Py_ssize_t s = 0; s <= m; s++) {
-        size_t size = s ? item : base_item;
-        dropped[s] = start[s] / GRANULE * GRANULE;
-        cross[s] = (dropped[s] + GRANULE - start[s] + size - 1) / size;
+#ifndef __linux__
+    threads = 1;
+#endif
+    Py_ssize_t groups = (m + GROUP - 1) / GROUP;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > groups) threads = groups; /* every thread has a group of rows */
+    if (threads < 1) threads = 1;
+    ReleaseJob job;
+    memset(&job, 0, sizeof job);
+    job.out = (float *)(uintptr_t)out_p;
+    job.base = (const char *)(uintptr_t)base_p;
+    job.rows = (const char *)(uintptr_t)rows_p;
+    job.alpha = (const float *)(uintptr_t)alpha_p;
+    job.base_dtype = base_dtype;
+    job.rows_dtype = rows_dtype;
+    job.n = n;
+    job.m = m;
+    job.threads = threads;
+    job.row_bytes = (size_t)row_stride * item_size(rows_dtype);
+    job.map_lo = (uintptr_t)map_lo;
+    job.map_hi = (uintptr_t)map_hi;
+    size_t streams = (size_t)m + 1;
+    job.start = PyMem_Malloc(streams * (2 * sizeof(uintptr_t) + sizeof(size_t)));
+    job.partial = PyMem_Malloc((size_t)(threads - 1) * 2 * RELEASE_BLOCK * sizeof(float) + 1);
+    if (job.start == NULL || job.partial == NULL) {
+        PyMem_Free(job.start);
+        PyMem_Free(job.partial);
+        return PyErr_NoMemory();
     }
-    const Kernel *k = kernel;
-    static const float zeros[BLOCK];
+    job.dropped = job.start + streams;
+    job.size = (size_t *)(job.dropped + streams);
+    job.start[0] = (uintptr_t)job.base;
+    job.size[0] = item_size(base_dtype);
+    for (Py_ssize_t j = 0; j < m; j++) {
+        job.start[1 + j] = (uintptr_t)(job.rows + (size_t)j * job.row_bytes);
+        job.size[1 + j] = item_size(rows_dtype);
+    }
+    for (size_t s = 0; s < streams; s++) job.dropped[s] = job.start[s] / GRANULE * GRANULE;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t lo = 0, hi; lo < n; lo = hi) {
-        hi = lo + BLOCK < n ? lo + BLOCK : n;
-        for (Py_ssize_t s = 0; s <= m; s++)
-            if ((Py_ssize_t)cross[s] > lo && (Py_ssize_t)cross[s] < hi) hi = (Py_ssize_t)cross[s];
-        Py_ssize_t len = hi - lo;
-        k->set(out + lo, base + (size_t)lo * base_item, base_dtype, len);
-        for (Py_ssize_t j = 0; j < m; j += GROUP) {
-            const void *src[GROUP];
-            float a[GROUP];
-            for (int g = 0; g < GROUP; g++) {
-                int real = j + g < m;
-                src[g] = real ? (const void *)(rows + (size_t)(j + g) * row_bytes + (size_t)lo * item) : zeros;
-                a[g] = real ? alpha[j + g] : 0.0f;
-            }
-            k->add4(out + lo, src, rows_dtype, a, len);
+#ifdef __linux__
+    pthread_t workers[MAX_THREADS];
+    WorkerArgs worker_args[MAX_THREADS];
+    Py_ssize_t started = 1;
+    if (threads > 1 && pthread_barrier_init(&job.barrier, NULL, (unsigned)threads) != 0) job.threads = threads = 1;
+    if (threads > 1) {
+        pthread_mutex_init(&job.gate_lock, NULL);
+        pthread_cond_init(&job.gate, NULL);
+        job.gate_state = 0;
+        for (; started < threads; started++) {
+            worker_args[started] = (WorkerArgs){&job, started};
+            if (pthread_create(&workers[started], NULL, release_thread, &worker_args[started]) != 0) break;
         }
-        for (Py_ssize_t s = 0; s <= m; s++) { /* granules wholly behind every row's read position */
-            size_t size = s ? item : base_item;
-            uintptr_t done = (start[s] + (size_t)hi * size) / GRANULE * GRANULE;
-            if (done > dropped[s]) {
-                drop_pages(dropped[s], done, (uintptr_t)map_lo, (uintptr_t)map_hi);
-                dropped[s] = done;
-            }
-            if ((Py_ssize_t)cross[s] <= hi) /* entered a new granule: the next crossing lies beyond hi */
-                cross[s] = (dropped[s] + GRANULE - start[s] + size - 1) / size;
+        open_gate(&job, started == threads ? 1 : -1);
+        if (started < threads) { /* the barrier needs every thread: the started ones return, one thread merges */
+            for (Py_ssize_t t = 1; t < started; t++) pthread_join(workers[t], NULL);
+            pthread_barrier_destroy(&job.barrier);
+            job.threads = 1;
+            started = 1;
         }
     }
-    for (Py_ssize_t s = 0; s <= m; s++) { /* the last, partly read granule of every row */
-        uintptr_t end = start[s] + (size_t)n * (s ? item : base_item);
-        drop_pages(dropped[s], (end + GRANULE - 1) / GRANULE * GRANULE, (uintptr_t)map_lo, (uintptr_t)map_hi);
+    release_worker(&job, 0);
+    if (job.threads > 1) {
+        for (Py_ssize_t t = 1; t < started; t++) pthread_join(workers[t], NULL);
+        pthread_barrier_destroy(&job.barrier);
+    }
+    if (threads > 1) {
+        pthread_cond_destroy(&job.gate);
+        pthread_mutex_destroy(&job.gate_lock);
+    }
+#else
+    release_worker(&job, 0);
+#endif
+    for (size_t s = 0; s < streams; s++) { /* the last, partly read granule of every row */
+        uintptr_t end = job.start[s] + (size_t)n * job.size[s];
+        drop_pages(job.dropped[s], (end + GRANULE - 1) / GRANULE * GRANULE, job.map_lo, job.map_hi);
     }
     Py_END_ALLOW_THREADS
-    PyMem_Free(start);
+    PyMem_Free(job.start);
+    PyMem_Free(job.partial);
     Py_RETURN_NONE;
 }
 
@@ -306,8 +458,9 @@ static PyMethodDef methods[] = {
      "combine(out, n, base, base_dtype, rows, rows_dtype, row_stride, m, alpha): out[:n] = (base or out) + "
      "alpha[:m] @ rows, from raw data pointers (base 0: out itself); dtype codes 0 f32, 1 f16, 2 bf16."},
     {"combine_release", combine_release, METH_VARARGS,
-     "combine_release(out, n, base, base_dtype, rows, rows_dtype, row_stride, m, alpha, map_lo, map_hi): combine() "
-     "in one pass, dropping the pages of base and rows inside the file mapping [map_lo, map_hi) once read."},
+     "combine_release(out, n, base, base_dtype, rows, rows_dtype, row_stride, m, alpha, map_lo, map_hi, threads): "
+     "combine() in one pass, dropping the pages of base and rows inside the file mapping [map_lo, map_hi) once "
+     "read; the rows are split between up to `threads` threads."},
     {"set_isa", set_isa, METH_VARARGS, "Use 'best', 'avx512', 'avx2' or 'scalar' code; returns the one in use."},
     {"isa", get_isa, METH_NOARGS, "The instruction set in use."},
     {NULL, NULL, 0, NULL},

@@ -130,9 +130,10 @@ def releasing_combination(base: Tensor, alpha: Tensor, rows: Tensor, out: Tensor
     inside the file mapping `mapping` (its start and end addresses) as soon as they are read.
 
     For parameters too large to keep mapped: every row is read once, no page is faulted twice,
-    and each row keeps only about one 2 MB granule mapped at a time. Runs on one thread (more
-    threads would each keep their own granules mapped). Same shapes as `fused_combination`;
-    `base` is required. Returns False, touching nothing, when the kernel cannot take these tensors.
+    and each row keeps only about one 2 MB granule mapped at a time. The rows (not the columns)
+    are split across torch's threads, so more threads do not map more granules. Same shapes as
+    `fused_combination`; `base` is required. Returns False, touching nothing, when the kernel
+    cannot take these tensors.
     """
     m, q = rows.shape
     if not (usable(rows, out.dtype, out.device) and out.is_contiguous() and out.numel() == q and alpha.numel() == m
@@ -141,7 +142,8 @@ def releasing_combination(base: Tensor, alpha: Tensor, rows: Tensor, out: Tensor
         return False
     coefficients = _float32_coefficients(alpha)
     _merge_kernel.combine_release(out.data_ptr(), q, base.data_ptr(), _DTYPE_CODES[base.dtype], rows.data_ptr(),
-                                  _DTYPE_CODES[rows.dtype], rows.stride(0), m, coefficients.data_ptr(), *mapping)
+                                  _DTYPE_CODES[rows.dtype], rows.stride(0), m, coefficients.data_ptr(), *mapping,
+                                  torch.get_num_threads())
     return True
 
 

@@ -182,8 +182,9 @@ def _mapped_mb(mapping: tuple[int, int]) -> float:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page release uses Linux madvise")
 @pytest.mark.parametrize("storage", [torch.float32, torch.float16])
 @pytest.mark.parametrize("row_mb", [4.0, 2.7])  # rows that all enter a new 2 MB granule together, and staggered
+@pytest.mark.parametrize("threads", [1, 3])  # rows split between threads: one partial block, or two, added in
 def test_the_releasing_kernel_reads_each_row_once_and_keeps_one_granule_per_row(
-        tmp_path: Path, isa: str, storage: torch.dtype, row_mb: float) -> None:
+        tmp_path: Path, isa: str, storage: torch.dtype, row_mb: float, threads: int) -> None:
     from soe_sdk.archive import Archive, write_archive
     from soe_sdk.soup import _MappedPages, merge_dense
 
@@ -211,9 +212,12 @@ def test_the_releasing_kernel_reads_each_row_once_and_keeps_one_granule_per_row(
 
         sampler = threading.Thread(target=sample)
         sampler.start()
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
         try:
             merged = merge_dense(s_view, b_view, range(m), alpha, release=pages, mapping=mapping)
         finally:
+            torch.set_num_threads(previous)
             done.set()
             sampler.join()
         torch.testing.assert_close(merged.double(), expected, atol=1e-5, rtol=1e-5)
