@@ -239,7 +239,7 @@ typedef struct {
  * a new granule. Every thread computes the same cuts from the same inputs. */
 static Py_ssize_t next_cut(const ReleaseJob *job, Py_ssize_t lo) {
     Py_ssize_t hi = lo + RELEASE_BLOCK < job->n ? lo + RELEASE_BLOCK : job->n;
-    for (Py_ssize_t s = 0; s <= job->m; s++) {
+    for (Py_ssize_t s = job->base ? 0 : 1; s <= job->m; s++) {
         uintptr_t next = (job->start[s] + (size_t)lo * job->size[s]) / GRANULE * GRANULE + GRANULE;
         Py_ssize_t cross = (Py_ssize_t)((next - job->start[s] + job->size[s] - 1) / job->size[s]);
         if (cross < hi) hi = cross; /* always > lo: `next` lies beyond column lo */
@@ -275,9 +275,9 @@ static void release_worker(ReleaseJob *job, Py_ssize_t t) {
         hi = next_cut(job, lo);
         Py_ssize_t len = hi - lo;
         float *dest = t == 0 ? job->out + lo : job->partial + ((t - 1) * 2 + parity) * RELEASE_BLOCK;
-        if (t == 0)
+        if (t == 0 && job->base)
             k->set(dest, job->base + (size_t)lo * item_size(job->base_dtype), job->base_dtype, len);
-        else
+        else if (t > 0)
             memset(dest, 0, (size_t)len * sizeof *dest);
         for (Py_ssize_t j = first; j < end; j += GROUP) {
             const void *src[GROUP];
@@ -289,7 +289,7 @@ static void release_worker(ReleaseJob *job, Py_ssize_t t) {
             }
             k->add4(dest, src, job->rows_dtype, a, len);
         }
-        if (t == 0) drop_behind(job, 0, hi); /* the base row is thread 0's */
+        if (t == 0 && job->base) drop_behind(job, 0, hi); /* the base row is thread 0's */
         for (Py_ssize_t j = first; j < end; j++) drop_behind(job, 1 + j, hi);
 #ifdef __linux__
         if (job->threads > 1) {
@@ -341,9 +341,8 @@ static PyObject *combine_release(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KnKiKinnKKKn", &out_p, &n, &base_p, &base_dtype, &rows_p, &rows_dtype, &row_stride,
                           &m, &alpha_p, &map_lo, &map_hi, &threads))
         return NULL;
-    if (n < 0 || m < 0 || base_p == 0 || base_dtype < DT_F32 || base_dtype > DT_BF16 || rows_dtype < DT_F32 ||
-        rows_dtype > DT_BF16) {
-        PyErr_SetString(PyExc_ValueError, "combine_release: negative size, no base or unknown dtype code");
+    if (n < 0 || m < 0 || base_dtype < DT_F32 || base_dtype > DT_BF16 || rows_dtype < DT_F32 || rows_dtype > DT_BF16) {
+        PyErr_SetString(PyExc_ValueError, "combine_release: negative size or unknown dtype code");
         return NULL;
     }
 #ifndef __linux__
@@ -377,8 +376,8 @@ static PyObject *combine_release(PyObject *self, PyObject *args) {
     }
     job.dropped = job.start + streams;
     job.size = (size_t *)(job.dropped + streams);
-    job.start[0] = (uintptr_t)job.base;
-    job.size[0] = item_size(base_dtype);
+    job.start[0] = job.base ? (uintptr_t)job.base : (uintptr_t)job.out; /* no base: out is added to, not dropped */
+    job.size[0] = job.base ? item_size(base_dtype) : sizeof(float);
     for (Py_ssize_t j = 0; j < m; j++) {
         job.start[1 + j] = (uintptr_t)(job.rows + (size_t)j * job.row_bytes);
         job.size[1 + j] = item_size(rows_dtype);
@@ -418,7 +417,7 @@ static PyObject *combine_release(PyObject *self, PyObject *args) {
 #else
     release_worker(&job, 0);
 #endif
-    for (size_t s = 0; s < streams; s++) { /* the last, partly read granule of every row */
+    for (size_t s = job.base ? 0 : 1; s < streams; s++) { /* the last, partly read granule of every row */
         uintptr_t end = job.start[s] + (size_t)n * job.size[s];
         drop_pages(job.dropped[s], (end + GRANULE - 1) / GRANULE * GRANULE, job.map_lo, job.map_hi);
     }
@@ -459,7 +458,7 @@ static PyMethodDef methods[] = {
      "alpha[:m] @ rows, from raw data pointers (base 0: out itself); dtype codes 0 f32, 1 f16, 2 bf16."},
     {"combine_release", combine_release, METH_VARARGS,
      "combine_release(out, n, base, base_dtype, rows, rows_dtype, row_stride, m, alpha, map_lo, map_hi, threads): "
-     "combine() in one pass, dropping the pages of base and rows inside the file mapping [map_lo, map_hi) once "
+     "combine() (base 0: add to out) in one pass, dropping the pages of base and rows inside the file mapping [map_lo, map_hi) once "
      "read; the rows are split between up to `threads` threads."},
     {"set_isa", set_isa, METH_VARARGS, "Use 'best', 'avx512', 'avx2' or 'scalar' code; returns the one in use."},
     {"isa", get_isa, METH_NOARGS, "The instruction set in use."},

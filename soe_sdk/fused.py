@@ -125,23 +125,27 @@ def bind(base: Tensor, rows: Tensor) -> BoundCombination | None:
     return BoundCombination(base, rows)
 
 
-def releasing_combination(base: Tensor, alpha: Tensor, rows: Tensor, out: Tensor, mapping: tuple[int, int]) -> bool:
-    """out = base + Σ_i alpha[i]·rows[i] in one pass that hands back the pages of `base` and `rows`
-    inside the file mapping `mapping` (its start and end addresses) as soon as they are read.
+def releasing_combination(base: Tensor | None, alpha: Tensor, rows: Tensor, out: Tensor,
+                          mapping: tuple[int, int]) -> bool:
+    """out = (base if given, else out itself) + Σ_i alpha[i]·rows[i] in one pass that hands back
+    the pages of `base` and `rows` inside the file mapping `mapping` (its start and end addresses)
+    as soon as they are read.
 
     For parameters too large to keep mapped: every row is read once, no page is faulted twice,
     and each row keeps only about one 2 MB granule mapped at a time. The rows (not the columns)
     are split across torch's threads, so more threads do not map more granules. Same shapes as
-    `fused_combination`; `base` is required. Returns False, touching nothing, when the kernel
-    cannot take these tensors.
+    `fused_combination`. Returns False, touching nothing, when the kernel cannot take these tensors.
     """
     m, q = rows.shape
     if not (usable(rows, out.dtype, out.device) and out.is_contiguous() and out.numel() == q and alpha.numel() == m
-            and (q <= 1 or rows.stride(1) == 1) and base.device.type == "cpu" and base.dtype in _DTYPE_CODES
-            and base.numel() == q and base.is_contiguous()):
+            and (q <= 1 or rows.stride(1) == 1)):
+        return False
+    if base is not None and not (base.device.type == "cpu" and base.dtype in _DTYPE_CODES and base.numel() == q
+                                 and base.is_contiguous()):
         return False
     coefficients = _float32_coefficients(alpha)
-    _merge_kernel.combine_release(out.data_ptr(), q, base.data_ptr(), _DTYPE_CODES[base.dtype], rows.data_ptr(),
+    _merge_kernel.combine_release(out.data_ptr(), q, 0 if base is None else base.data_ptr(),
+                                  0 if base is None else _DTYPE_CODES[base.dtype], rows.data_ptr(),
                                   _DTYPE_CODES[rows.dtype], rows.stride(0), m, coefficients.data_ptr(), *mapping,
                                   torch.get_num_threads())
     return True

@@ -44,6 +44,9 @@ from .model import init_parameters
 ROUTER_NAMES = ("router.fc1.weight", "router.fc1.bias", "router.fc2.weight", "router.fc2.bias")
 MERGE_BLOCK_BYTES = 8 << 20  # working set of one block of a dense merge (about a CPU's last-level cache)
 RELEASE_ROWS = 4  # expert rows read at once by a page-releasing merge without the fused kernel
+# expert rows one pass of the page-releasing kernel reads at once: each keeps one 2 MB granule
+# mapped, so a merge maps at most (this + 1) · 2 MB of the file whatever n is
+STREAMED_ROWS = 32
 MERGE_PLANS_KEPT = 8  # merge plans a Soup caches (one per set of kept experts and dtype), newest kept
 VERIFY_CHUNK_BYTES = 4 << 20  # bytes hashed between two releases of a tensor's pages
 LOW_MEMORY_ABOVE_BYTES = 1 << 30  # default for `low_memory`: release the pages of archives above this size
@@ -171,12 +174,14 @@ def merge_dense(shared: Tensor, bank: Tensor, keep: Sequence[int], alpha: Tensor
                   and scratch.device == device)
         buffer = scratch if usable else torch.empty(size, dtype=dtype, device=device)
     # A large parameter hands back its pages once used. The OS maps page-cache folios (up to
-    # 2 MB) whole. The fused kernel reads every row in one pass and drops each granule once
-    # behind it (one granule per row mapped, none faulted twice); without it, blocks of a few
-    # rows at a time are released, which bounds the mapped folios to RELEASE_ROWS rows.
+    # 2 MB) whole. The fused kernel reads STREAMED_ROWS rows per pass over the parameter and
+    # drops each granule once behind it (one granule per row mapped, none faulted twice);
+    # without it, blocks of a few rows at a time are released (RELEASE_ROWS rows mapped).
     releasing = release is not None and blocked
-    if releasing and direct and count and mapping is not None and fused.releasing_combination(
-            flat_s, alpha, bank2d[first:first + count], flat_out, mapping):
+    if releasing and direct and count and mapping is not None and all(
+            fused.releasing_combination(flat_s if g == 0 else None, alpha[g:g + STREAMED_ROWS],
+                                        bank2d[first + g:first + min(g + STREAMED_ROWS, count)], flat_out, mapping)
+            for g in range(0, count, STREAMED_ROWS)):
         return out
     group = RELEASE_ROWS if releasing else max(count, 1)
     for lo in range(0, numel, width):
