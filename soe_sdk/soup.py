@@ -142,7 +142,7 @@ def merge_dense(shared: Tensor, bank: Tensor, keep: Sequence[int], alpha: Tensor
     of every kept row once used, and rows are then read RELEASE_ROWS at a time so that few of
     them are mapped at once. When `mapping` (the start and end addresses of a file mapping that
     holds `shared` and `bank`) is also given and the fused kernel can take the rows, the kernel
-    merges such a parameter in one pass and hands its pages back itself instead.
+    merges such a parameter instead, in passes of STREAMED_ROWS rows, and hands its pages back itself.
     `scratch` (1-D, `dtype`, on `device`) is used as the conversion buffer when it is large
     enough, so a merge of many parameters allocates (and page-faults) it once.
     """
