@@ -7,6 +7,9 @@
  * the archive's bytes are read exactly once. Inputs may be float32, float16 or bfloat16; the
  * output and the accumulation are float32.
  *
+ * combine_release() is the same merge for parameters too large to keep mapped: it hands the
+ * pages of a file mapping back to the OS as it moves past them (Soup's low_memory merges).
+ *
  * Python calls it with raw data pointers (soe_sdk/fused.py checks shapes, dtypes and devices
  * first). The GIL is released while it runs.
  */
@@ -147,6 +150,23 @@ static const Kernel *best_kernel(void) {
 
 static const Kernel *kernel = &SCALAR;
 
+/* acc[0, len) += sum_{j in [first, end)} alpha[j] * rows[j][lo + i], GROUP rows per pass over acc;
+ * `zeros` (at least len elements) pads the last group. */
+static void add_rows(const Kernel *k, float *acc, const char *rows, size_t row_bytes, int dtype, Py_ssize_t lo,
+                     const float *alpha, Py_ssize_t first, Py_ssize_t end, const float *zeros, Py_ssize_t len) {
+    const size_t item = item_size(dtype);
+    for (Py_ssize_t j = first; j < end; j += GROUP) {
+        const void *src[GROUP];
+        float a[GROUP];
+        for (int g = 0; g < GROUP; g++) {
+            int real = j + g < end;
+            src[g] = real ? (const void *)(rows + (size_t)(j + g) * row_bytes + (size_t)lo * item) : zeros;
+            a[g] = real ? alpha[j + g] : 0.0f;
+        }
+        k->add4(acc, src, dtype, a, len);
+    }
+}
+
 static PyObject *combine(PyObject *self, PyObject *args) {
     unsigned long long out_p, base_p, rows_p, alpha_p;
     Py_ssize_t n, row_stride, m;
@@ -170,16 +190,7 @@ static PyObject *combine(PyObject *self, PyObject *args) {
     for (Py_ssize_t lo = 0; lo < n; lo += BLOCK) {
         Py_ssize_t len = lo + BLOCK < n ? BLOCK : n - lo;
         if (base) k->set(out + lo, (const char *)base + (size_t)lo * item_size(base_dtype), base_dtype, len);
-        for (Py_ssize_t j = 0; j < m; j += GROUP) {
-            const void *src[GROUP];
-            float a[GROUP];
-            for (int g = 0; g < GROUP; g++) {
-                int real = j + g < m;
-                src[g] = real ? (const void *)(rows + (size_t)(j + g) * row_bytes + (size_t)lo * item) : zeros;
-                a[g] = real ? alpha[j + g] : 0.0f;
-            }
-            k->add4(out + lo, src, rows_dtype, a, len);
-        }
+        add_rows(k, out + lo, rows, row_bytes, rows_dtype, lo, alpha, 0, m, zeros, len);
     }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -267,7 +278,6 @@ static void drop_behind(ReleaseJob *job, Py_ssize_t s, Py_ssize_t col) {
 static void release_worker(ReleaseJob *job, Py_ssize_t t) {
     static const float zeros[RELEASE_BLOCK];
     const Kernel *k = kernel;
-    const size_t item = item_size(job->rows_dtype);
     Py_ssize_t first, end;
     rows_of(job, t, &first, &end);
     Py_ssize_t parity = 0;
@@ -279,16 +289,7 @@ static void release_worker(ReleaseJob *job, Py_ssize_t t) {
             k->set(dest, job->base + (size_t)lo * item_size(job->base_dtype), job->base_dtype, len);
         else if (t > 0)
             memset(dest, 0, (size_t)len * sizeof *dest);
-        for (Py_ssize_t j = first; j < end; j += GROUP) {
-            const void *src[GROUP];
-            float a[GROUP];
-            for (int g = 0; g < GROUP; g++) {
-                int real = j + g < end;
-                src[g] = real ? (const void *)(job->rows + (size_t)(j + g) * job->row_bytes + (size_t)lo * item) : zeros;
-                a[g] = real ? job->alpha[j + g] : 0.0f;
-            }
-            k->add4(dest, src, job->rows_dtype, a, len);
-        }
+        add_rows(k, dest, job->rows, job->row_bytes, job->rows_dtype, lo, job->alpha, first, end, zeros, len);
         if (t == 0 && job->base) drop_behind(job, 0, hi); /* the base row is thread 0's */
         for (Py_ssize_t j = first; j < end; j++) drop_behind(job, 1 + j, hi);
 #ifdef __linux__
