@@ -212,8 +212,10 @@ def test_the_releasing_kernel_reads_each_row_once_and_keeps_one_granule_per_row(
         done = threading.Event()
 
         def sample() -> None:  # the file pages mapped while the kernel runs (it releases the GIL)
-            while not done.is_set():
+            while True:
                 samples.append(_mapped_mb(mapping))
+                if done.is_set():
+                    break
 
         sampler = threading.Thread(target=sample)
         sampler.start()
