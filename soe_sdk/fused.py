@@ -10,6 +10,7 @@ caller falls back to torch.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -26,6 +27,7 @@ _ITEM_BYTES = (4, 2, 2)  # by dtype code
 # thread (the kernel releases the GIL); below it a thread hand-off costs more than it saves.
 PARALLEL_ELEMENTS = 1 << 22
 _COLUMN_ALIGN = 16384  # ranges start on the kernel's block boundaries
+_RANGE_COLUMNS = 4 * _COLUMN_ALIGN  # columns per range handed to a thread (≤ 1 ms of work for 16 rows)
 _pool: ThreadPoolExecutor | None = None
 _pool_owner = (0, 0)  # (pid, workers) of the pool: a forked child has none of its threads, so it makes its own
 _ENABLED = os.environ.get("SOE_FUSED_MERGE", "1") != "0"  # SOE_FUSED_MERGE=0: always merge through torch
@@ -95,23 +97,36 @@ class BoundCombination:
 def _combine(out: int, q: int, base: int, base_code: int, rows: int, rows_code: int, stride: int, m: int,
              alpha: int) -> None:
     """The kernel on raw pointers; large combinations are split by columns across torch's threads."""
-    threads = min(torch.get_num_threads(), max(1, q // _COLUMN_ALIGN))
-    if threads < 2 or m * q < PARALLEL_ELEMENTS:
-        _merge_kernel.combine(out, q, base, base_code, rows, rows_code, stride, m, alpha)
-        return
-    global _pool, _pool_owner
-    if _pool is None or _pool_owner[0] != os.getpid() or _pool_owner[1] < threads - 1:
-        _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="soe-merge")
-        _pool_owner = (os.getpid(), threads - 1)
-    width = -(-q // threads // _COLUMN_ALIGN) * _COLUMN_ALIGN
-    ranges = [(lo, min(lo + width, q)) for lo in range(0, q, width)]
-
     def part(lo: int, hi: int) -> None:
         _merge_kernel.combine(out + 4 * lo, hi - lo, base + _ITEM_BYTES[base_code] * lo if base else 0, base_code,
                               rows + _ITEM_BYTES[rows_code] * lo, rows_code, stride, m, alpha)
 
-    futures = [_pool.submit(part, lo, hi) for lo, hi in ranges[1:]]
-    part(*ranges[0])
+    split_columns(part, q, threads=1 if m * q < PARALLEL_ELEMENTS else None)
+
+
+def split_columns(part: Callable[[int, int], None], q: int, threads: int | None = None) -> None:
+    """Run `part(lo, hi)` on column ranges that cover [0, q), in parallel on up to `threads` threads
+    (default: torch's), for C kernels that release the GIL. The ranges start on multiples of 16384
+    and are handed out one at a time as threads become free: right after a torch operation, its
+    OpenMP workers keep spinning on the cores for a few milliseconds, and a thread that shares its
+    core with one then simply takes fewer ranges instead of holding up the others."""
+    threads = min(threads or torch.get_num_threads(), max(1, q // _COLUMN_ALIGN))
+    if threads < 2:
+        part(0, q)
+        return
+    global _pool, _pool_owner
+    if _pool is None or _pool_owner[0] != os.getpid() or _pool_owner[1] < threads - 1:
+        _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="soe-columns")
+        _pool_owner = (os.getpid(), threads - 1)
+    width = min(_RANGE_COLUMNS, -(-q // threads // _COLUMN_ALIGN) * _COLUMN_ALIGN)
+    ranges = iter([(lo, min(lo + width, q)) for lo in range(0, q, width)])
+
+    def work() -> None:
+        for lo, hi in ranges:  # the iterator is shared: each range goes to exactly one thread
+            part(lo, hi)
+
+    futures = [_pool.submit(work) for _ in range(threads - 1)]
+    work()
     for future in futures:
         future.result()
 

@@ -152,6 +152,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
     seq = preset.model.max_seq_len
     usable = usable_domains(shards, seq)
     draw_h = _meta_sampler(preset, shards, workdir, usable)
+    h_of = (lambda rng: np.asarray(spec.fixed_h)) if spec.fixed_h is not None else draw_h  # the micro-batch's h
     if not 0.0 <= preset.router_freeze_at <= 1.0:
         raise SoeError(f"--router-freeze-at {preset.router_freeze_at}: must be a fraction between 0 and 1")
     router_freeze_step = round(preset.router_freeze_at * total_steps)  # the first step at which φ is frozen
@@ -171,8 +172,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
             if not bank and micro % ctx.world != ctx.rank:
                 continue
             rng = _micro_rng(seed, step, micro)
-            h = np.asarray(spec.fixed_h) if spec.fixed_h is not None else \
-                draw_h(rng)
+            h = h_of(rng)
             batch = sample_batch(shards, h, preset.batch_size, seq, rng)
             if bank:
                 rows = np.array_split(np.arange(preset.batch_size), ctx.world)[ctx.rank]
@@ -205,12 +205,15 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
         if step >= router_freeze_step:
             state.set_router_lr_scale(0.0)
         state.set_expert_lr_scale(preset.expert_lr_scale if step >= expert_start_step else 0.0)
-        state.optimizer.step(grads, lr)
+        first_micro = 0 if bank else ctx.rank  # this rank's first micro-batch of the next step
+        ahead = n and step + 1 < end and first_micro < micro_total
+        next_h = torch.as_tensor(h_of(_micro_rng(seed, step + 1, first_micro))) if ahead else None
+        state.optimizer_step(grads, lr, next_h)
         mean_loss = _mean_over_ranks(losses, ctx)
         now = time.time()
         metrics.write({"step": step + 1, "loss": mean_loss, "lr": lr, "grad_norm": norm,
                        "tokens": (step + 1) * tokens_per_step, "step_time": now - last_t,
-                       "elapsed": now - t0})
+                       "elapsed": now - t0, **({"merged_ahead": state.prefetched_merges} if n else {})})
         last_t = now
         bar.update(1)
         bar.set_postfix(loss=f"{mean_loss:.3f}")

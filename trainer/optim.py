@@ -6,8 +6,10 @@ with decoupled weight decay and the rest without, both through PyTorch's fused A
 (one pass over memory instead of one per arithmetic operation).
 
 The expert bank's gradient is never materialised: it is Σ_m α_m ⊗ g_m over the step's
-micro-batches (`ExpertGrad`), and each expert's row is formed in a cache-sized buffer just
-before its update — saving an [n, p] buffer and three passes over it per step.
+micro-batches (`ExpertGrad`). With the compiled kernel (trainer/fused_adamw.py) each row's
+gradient is formed a cache-sized block at a time inside the pass that updates the row, and that
+pass can also merge the next step's Θ; without it, each row is formed in a buffer just before
+torch's update. Either way no [n, p] buffer exists.
 """
 from __future__ import annotations
 
@@ -17,6 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from . import fused_adamw
+
+NextMerge = tuple[Tensor, Tensor, Tensor]  # (base [q], α' [n], out [q]): out = base + α'ᵀE after the update
 
 
 def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -51,8 +57,9 @@ class ExpertGrad:
             self.grads = list(all_gather_rows(torch.stack(self.grads)).unbind(0))
 
     def stacked(self) -> tuple[Tensor, Tensor]:
-        """(A [M, n] including the scale, G [M, q])."""
-        return torch.stack(self.alphas) * self.scale, torch.stack(self.grads)
+        """(A [M, n] including the scale, G [M, q]); a single micro-batch's G is a view, not a copy."""
+        grads = self.grads[0].unsqueeze(0) if len(self.grads) == 1 else torch.stack(self.grads)
+        return torch.stack(self.alphas) * self.scale, grads
 
     def sq_norm(self) -> float:
         """‖∇E‖² = Σ_j A[:, j]ᵀ (G Gᵀ) A[:, j], from the M × M Gram matrix of the micro-batch gradients."""
@@ -107,27 +114,45 @@ class FlatAdamW:
             self.exp_avg_sq.setdefault(name, torch.zeros_like(p))
 
     @torch.no_grad()
-    def step(self, grads: dict[str, Tensor | ExpertGrad], lr: float) -> None:
-        """One AdamW update; an `ExpertGrad` is applied one expert row at a time."""
+    def step(self, grads: dict[str, Tensor | ExpertGrad], lr: float,
+             next_merge: Callable[[], NextMerge | None] | None = None) -> bool:
+        """One AdamW update; an `ExpertGrad` is applied one expert row at a time, after every other parameter.
+
+        `next_merge` is called once those are updated (so it may use the new S and φ); when it
+        returns (base, α', out), the pass that updates the bank also writes out = base + α'ᵀE_new.
+        Returns whether it did (it does only with the compiled kernel and a single `ExpertGrad`).
+        """
         self.step_count += 1
         step = torch.tensor(float(self.step_count))
-        for name, p in self.params.items():
-            grad, end = grads[name], self.decay_end.get(name, 0)
+        experts = [name for name in self.params if isinstance(grads[name], ExpertGrad)]
+        merged = False
+        for name in [name for name in self.params if name not in experts] + experts:
+            p, grad, end = self.params[name], grads[name], self.decay_end.get(name, 0)
             lr_p = lr * self.lr_scale.get(name, 1.0)
             m, v = self.exp_avg[name], self.exp_avg_sq[name]
-            if isinstance(grad, ExpertGrad):
-                buffer = torch.empty(p.shape[-1], dtype=p.dtype, device=p.device)
-                denom = self._shared_denominator(name, p.shape[-1])
-                mean, weights = self._shared_mean(name, grad, p.shape[-1])
-                for j, row in enumerate(grad.rows(buffer)):
-                    if denom is None:
-                        self._update(p[j], row, m[j], v[j], end, lr_p, step)
-                    else:
-                        if mean is not None:
-                            row.sub_(mean, alpha=weights[j])
-                        self._update_shared(p[j], row, m[j], denom, end, lr_p)
-            else:
+            if not isinstance(grad, ExpertGrad):
                 self._update(p, grad, m, v, end, lr_p, step)
+                continue
+            merge = next_merge() if (next_merge is not None and len(experts) == 1 and grad.grads
+                                     and fused_adamw.available() and p.device.type == "cpu") else None
+            if name not in self.shared_moments and grad.grads:
+                a, g = grad.stacked()
+                if fused_adamw.update_rows(p, m, v, a, g, lr=lr_p, betas=self.betas, eps=self.eps,
+                                           weight_decay=self.weight_decay, decay_end=end, step=self.step_count,
+                                           merge=merge):
+                    merged = merge is not None
+                    continue
+            buffer = torch.empty(p.shape[-1], dtype=p.dtype, device=p.device)
+            denom = self._shared_denominator(name, p.shape[-1])
+            mean, weights = self._shared_mean(name, grad, p.shape[-1])
+            for j, row in enumerate(grad.rows(buffer)):
+                if denom is None:
+                    self._update(p[j], row, m[j], v[j], end, lr_p, step)
+                else:
+                    if mean is not None:
+                        row.sub_(mean, alpha=weights[j])
+                    self._update_shared(p[j], row, m[j], denom, end, lr_p)
+        return merged
 
     def _update(self, p: Tensor, grad: Tensor, m: Tensor, v: Tensor, end: int, lr: float, step: Tensor) -> None:
         if p.dim() > 1 and 0 < end < p.shape[-1]:  # prefix views of rows are only contiguous one row at a time

@@ -52,6 +52,9 @@ class SoupState:
         self.router = {k: v.requires_grad_(True) for k, v in router.items()}
         self.grad_shared = torch.zeros_like(shared)
         self.grad_experts = ExpertGrad()
+        # (α', Θ') merged by the last optimizer step for the next micro-batch's h, until it is used
+        self._next_theta: tuple[Tensor, Tensor] | None = None
+        self.prefetched_merges = 0  # how many micro-batches used such a Θ' (for tests and benchmarks)
         decay_end = layout.shared.decay_end
         params = {"S": shared, "E": experts}
         decay = {"S": max(0, min(decay_end, self.hi) - self.lo),
@@ -127,6 +130,7 @@ class SoupState:
 
     def set_router(self, tensors: dict[str, Tensor]) -> None:
         """Replace φ's parameters (a fresh run's initialisation, e.g. trainer/router_init.py)."""
+        self._next_theta = None
         with torch.no_grad():
             for k, v in self.router.items():
                 v.copy_(tensors[k].to(v))
@@ -164,6 +168,31 @@ class SoupState:
             return dense
         return torch.cat([self.layout.lowrank_theta(self.shared, self.factors, alpha), dense])
 
+    def optimizer_step(self, grads: dict[str, Tensor | ExpertGrad], lr: float, next_h: Tensor | None = None) -> None:
+        """One AdamW step. `next_h`: the h of this rank's next micro-batch, if known; the pass that
+        updates the bank then also merges that micro-batch's Θ, which `micro_step` takes instead
+        of merging again (dense experts, compiled kernel only)."""
+        self._next_theta = None
+
+        def next_merge() -> tuple[Tensor, Tensor, Tensor] | None:
+            if next_h is None or self.factors is not None or self.n == 0:
+                return None
+            alpha = self.alpha(next_h).detach()  # φ and ᾱ as this step leaves them
+            base = self.shared[self.e0:]
+            self._next_theta = (alpha, torch.empty_like(base))
+            return base, alpha, self._next_theta[1]
+
+        if not self.optimizer.step(grads, lr, next_merge):
+            self._next_theta = None
+
+    def _merged_for(self, alpha: Tensor) -> Tensor:
+        """This slice of Θ for α: the one the last optimizer step merged ahead, when it was for this α."""
+        ahead, self._next_theta = self._next_theta, None
+        if ahead is not None and torch.equal(ahead[0], alpha.detach()):
+            self.prefetched_merges += 1
+            return ahead[1]
+        return self.merge_local(alpha)
+
     def accumulate(self, alpha: Tensor, g_slice: Tensor) -> Tensor:
         """Add ∇S += g, ∇E += α gᵀ for this slice; return the dense experts' share of ∂ℓ/∂α = E g."""
         self.grad_shared.add_(g_slice)
@@ -185,7 +214,7 @@ class SoupState:
         identity in a single process.
         """
         alpha = self.alpha(h)
-        theta_local = self.merge_local(alpha)
+        theta_local = self._merged_for(alpha)
         local = theta_local.detach()
         theta = (gather(local) if gather else local).requires_grad_(True)
         params = self.layout.shared.views(theta)
@@ -225,6 +254,7 @@ class SoupState:
         return out
 
     def load_tensors(self, tensors: dict[str, Tensor], step_count: int) -> None:
+        self._next_theta = None
         with torch.no_grad():
             self.shared.copy_(tensors["S"])
             self.experts.copy_(tensors["E"])
