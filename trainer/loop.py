@@ -213,7 +213,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
         now = time.time()
         metrics.write({"step": step + 1, "loss": mean_loss, "lr": lr, "grad_norm": norm,
                        "tokens": (step + 1) * tokens_per_step, "step_time": now - last_t,
-                       "elapsed": now - t0, **({"merged_ahead": state.prefetched_merges} if n else {})})
+                       "elapsed": now - t0, "time": now, **({"merged_ahead": state.prefetched_merges} if n else {})})
         last_t = now
         bar.update(1)
         bar.set_postfix(loss=f"{mean_loss:.3f}")
