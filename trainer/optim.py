@@ -116,11 +116,13 @@ class FlatAdamW:
     @torch.no_grad()
     def step(self, grads: dict[str, Tensor | ExpertGrad], lr: float,
              next_merge: Callable[[], NextMerge | None] | None = None) -> bool:
-        """One AdamW update; an `ExpertGrad` is applied one expert row at a time, after every other parameter.
+        """One AdamW update; an `ExpertGrad` is applied after every other parameter, in one pass with
+        the compiled kernel, else one expert row at a time.
 
-        `next_merge` is called once those are updated (so it may use the new S and φ); when it
-        returns (base, α', out), the pass that updates the bank also writes out = base + α'ᵀE_new.
-        Returns whether it did (it does only with the compiled kernel and a single `ExpertGrad`).
+        `next_merge` is called once the other parameters are updated (so it may use the new S and φ);
+        when it returns (base, α', out), the kernel's pass over the bank also writes
+        out = base + α'ᵀE_new. Returns whether it did (only the kernel does, for a single `ExpertGrad`
+        with its own moments).
         """
         self.step_count += 1
         step = torch.tensor(float(self.step_count))
@@ -133,9 +135,8 @@ class FlatAdamW:
             if not isinstance(grad, ExpertGrad):
                 self._update(p, grad, m, v, end, lr_p, step)
                 continue
-            merge = next_merge() if (next_merge is not None and len(experts) == 1 and grad.grads
-                                     and fused_adamw.available() and p.device.type == "cpu") else None
-            if name not in self.shared_moments and grad.grads:
+            if name not in self.shared_moments and grad.grads and fused_adamw.available() and p.device.type == "cpu":
+                merge = next_merge() if next_merge is not None and len(experts) == 1 else None
                 a, g = grad.stacked()
                 if fused_adamw.update_rows(p, m, v, a, g, lr=lr_p, betas=self.betas, eps=self.eps,
                                            weight_decay=self.weight_decay, decay_end=end, step=self.step_count,
