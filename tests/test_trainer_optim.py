@@ -180,3 +180,27 @@ def test_centred_expert_gradients_drop_the_running_mean_gradient() -> None:
     moved = opt.params["E"] - before
     assert float(moved.abs().max()) > 0
     torch.testing.assert_close(moved[0], -moved[1])
+
+
+def test_expert_weight_decay_scale_pulls_only_the_experts_harder() -> None:
+    """With zero gradients an AdamW step only decays: S's prefix by (1 − lr·wd), the experts' by
+    (1 − lr·wd·scale), through the compiled kernel, torch's row-wise update and the shared preconditioner."""
+    from trainer import fused_adamw
+
+    n, q, end, lr, wd = 3, 40, 30, 0.1, 0.2
+    gen = torch.Generator().manual_seed(4)
+    shared, experts = torch.randn(q, generator=gen), torch.randn(n, q, generator=gen)
+    zero = ExpertGrad()
+    zero.add(torch.zeros(n), torch.zeros(q))
+    for kernel in (True, False):
+        for shared_moments in ({}, {"E": ("S", 0)}):
+            previous = fused_adamw.set_enabled(kernel)
+            try:
+                opt = FlatAdamW({"S": shared.clone(), "E": experts.clone()}, {"S": end, "E": end}, weight_decay=wd,
+                                decay_scale={"E": 5.0}, shared_moments=shared_moments)
+                opt.step({"S": torch.zeros(q), "E": zero}, lr)
+            finally:
+                fused_adamw.set_enabled(previous)
+            torch.testing.assert_close(opt.params["S"][:end], shared[:end] * (1 - lr * wd))
+            torch.testing.assert_close(opt.params["E"][:, :end], experts[:, :end] * (1 - lr * wd * 5.0))
+            assert torch.equal(opt.params["E"][:, end:], experts[:, end:])

@@ -91,6 +91,8 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
               help="The cosine schedule ends at lr × this (overrides the preset).")
 @click.option("--expert-lr-scale", type=float, help="Experts learn at lr × this (overrides the preset).")
 @click.option("--router-lr-scale", type=float, help="The router φ learns at lr × this (overrides the preset).")
+@click.option("--expert-weight-decay-scale", type=float,
+              help="The experts' weight decay is the preset's × this (overrides the preset).")
 @click.option("--router-freeze-at", type=float,
               help="Fraction of the run after which the router φ stops learning (overrides the preset; 1 = never).")
 @click.option("--expert-start-at", type=float,
@@ -120,7 +122,8 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
           stop_after: int | None, seed: int, checkpoint_every: int | None, sharding: str, baseline: str | None,
           run_name: str | None,
           device: str | None, precision: str | None, lr: float | None, min_lr_ratio: float | None,
-          expert_lr_scale: float | None, router_lr_scale: float | None, router_freeze_at: float | None,
+          expert_lr_scale: float | None, router_lr_scale: float | None, expert_weight_decay_scale: float | None,
+          router_freeze_at: float | None,
           expert_start_at: float | None, router_input_scale: float | None,
           expert_init_scale: float | None,
           router_init: str | None, router_init_scale: float | None, expert_preconditioner: str | None,
@@ -141,6 +144,7 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
     p = get_preset(preset)
     overrides = {k: v for k, v in {"lr": lr, "min_lr_ratio": min_lr_ratio, "expert_lr_scale": expert_lr_scale,
                                    "router_lr_scale": router_lr_scale, "router_freeze_at": router_freeze_at,
+                                   "expert_weight_decay_scale": expert_weight_decay_scale,
                                    "expert_start_at": expert_start_at, "router_input_scale": router_input_scale,
                                    "centre_alpha": centre_alpha,
                                    "expert_init_scale": expert_init_scale, "router_init": router_init,

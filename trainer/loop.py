@@ -112,6 +112,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
     state = SoupState.fresh(config, seed, ctx.device, shard=shard, expert_init_scale=preset.expert_init_scale,
                             betas=(preset.beta1, preset.beta2),
                             weight_decay=preset.weight_decay, expert_lr_scale=preset.expert_lr_scale,
+                            expert_weight_decay_scale=preset.expert_weight_decay_scale,
                             router_lr_scale=preset.router_lr_scale, router_input_scale=preset.router_input_scale,
                             centre_alpha=preset.centre_alpha, expert_preconditioner=preset.expert_preconditioner,
                             centre_gradients=preset.centre_expert_gradients)
@@ -135,6 +136,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                 "world": ctx.world, "sharding": sharding if bank else "ddp", "lr": peak_lr,
                 "min_lr_ratio": preset.min_lr_ratio,
                 "expert_lr_scale": preset.expert_lr_scale, "router_lr_scale": preset.router_lr_scale,
+                "expert_weight_decay_scale": preset.expert_weight_decay_scale,
                 "router_freeze_at": preset.router_freeze_at, "expert_start_at": preset.expert_start_at,
                 "router_input_scale": preset.router_input_scale, "centre_alpha": preset.centre_alpha,
                 "expert_init_scale": preset.expert_init_scale, "router_init": preset.router_init,

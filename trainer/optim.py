@@ -97,6 +97,7 @@ class FlatAdamW:
     eps: float = 1e-8
     weight_decay: float = 0.1
     lr_scale: dict[str, float] = field(default_factory=dict)  # per parameter name; 1.0 when absent
+    decay_scale: dict[str, float] = field(default_factory=dict)  # × weight_decay per parameter name; 1.0 when absent
     # name → (source, column): that parameter's rows are preconditioned by the source's second
     # moment from that column on (an expert's gradient α_j·∇Θ over √v of ∇S = ∇Θ), not their own
     shared_moments: dict[str, tuple[str, int]] = field(default_factory=dict)
@@ -131,15 +132,16 @@ class FlatAdamW:
         for name in [name for name in self.params if name not in experts] + experts:
             p, grad, end = self.params[name], grads[name], self.decay_end.get(name, 0)
             lr_p = lr * self.lr_scale.get(name, 1.0)
+            decay = self.weight_decay * self.decay_scale.get(name, 1.0)
             m, v = self.exp_avg[name], self.exp_avg_sq[name]
             if not isinstance(grad, ExpertGrad):
-                self._update(p, grad, m, v, end, lr_p, step)
+                self._update(p, grad, m, v, end, lr_p, decay, step)
                 continue
             if name not in self.shared_moments and grad.grads and fused_adamw.available() and p.device.type == "cpu":
                 merge = next_merge() if next_merge is not None and len(experts) == 1 else None
                 a, g = grad.stacked()
                 if fused_adamw.update_rows(p, m, v, a, g, lr=lr_p, betas=self.betas, eps=self.eps,
-                                           weight_decay=self.weight_decay, decay_end=end, step=self.step_count,
+                                           weight_decay=decay, decay_end=end, step=self.step_count,
                                            merge=merge):
                     merged = merge is not None
                     continue
@@ -148,21 +150,22 @@ class FlatAdamW:
             mean, weights = self._shared_mean(name, grad, p.shape[-1])
             for j, row in enumerate(grad.rows(buffer)):
                 if denom is None:
-                    self._update(p[j], row, m[j], v[j], end, lr_p, step)
+                    self._update(p[j], row, m[j], v[j], end, lr_p, decay, step)
                 else:
                     if mean is not None:
                         row.sub_(mean, alpha=weights[j])
-                    self._update_shared(p[j], row, m[j], denom, end, lr_p)
+                    self._update_shared(p[j], row, m[j], denom, end, lr_p, decay)
         return merged
 
-    def _update(self, p: Tensor, grad: Tensor, m: Tensor, v: Tensor, end: int, lr: float, step: Tensor) -> None:
+    def _update(self, p: Tensor, grad: Tensor, m: Tensor, v: Tensor, end: int, lr: float, weight_decay: float,
+                step: Tensor) -> None:
         if p.dim() > 1 and 0 < end < p.shape[-1]:  # prefix views of rows are only contiguous one row at a time
             for row in zip(p.flatten(0, -2), grad.flatten(0, -2), m.flatten(0, -2), v.flatten(0, -2)):
-                self._update(*row, end, lr, step)
+                self._update(*row, end, lr, weight_decay, step)
             return
         b1, b2 = self.betas
         step = step.to(p.device)
-        for sl, decay in ((slice(0, end), self.weight_decay), (slice(end, None), 0.0)):
+        for sl, decay in ((slice(0, end), weight_decay), (slice(end, None), 0.0)):
             if p[..., sl].numel() == 0:
                 continue
             torch._fused_adamw_([p[..., sl]], [grad[..., sl]], [m[..., sl]], [v[..., sl]], [], [step],
@@ -187,11 +190,12 @@ class FlatAdamW:
         # share: Σ_m α_mj (g_m − m̂/M) = row_j − mean_m(α_mj)·m̂
         return mean, torch.stack(grad.alphas).mean(0).tolist()
 
-    def _update_shared(self, p: Tensor, grad: Tensor, m: Tensor, denom: Tensor, end: int, lr: float) -> None:
+    def _update_shared(self, p: Tensor, grad: Tensor, m: Tensor, denom: Tensor, end: int, lr: float,
+                       weight_decay: float) -> None:
         b1 = self.betas[0]
         m.lerp_(grad, 1 - b1)
         if end:
-            p[:end].mul_(1 - lr * self.weight_decay)
+            p[:end].mul_(1 - lr * weight_decay)
         p.addcdiv_(m, denom, value=-lr / (1 - b1 ** self.step_count))
 
     def state_tensors(self) -> dict[str, Tensor]:

@@ -36,6 +36,8 @@ class Preset:
     lr: float = 1e-3  # peak learning rate of a soup
     baseline_lr: float | None = None  # of plain models (n = 0: generic, CRISP, domain experts); None: lr
     expert_lr_scale: float = 1.0  # experts (and low-rank factors) learn at lr × this
+    expert_weight_decay_scale: float = 1.0  # their decoupled weight decay is weight_decay × this (pulls
+    # the experts towards 0, that is Θ towards S, harder than S towards 0)
     router_lr_scale: float = 1.0  # the router φ learns at lr × this
     expert_start_at: float = 0.0  # fraction of the run before which the experts do not learn (0: from the
     # start): S first learns alone, so the experts' h-dependent updates perturb a model that is already good

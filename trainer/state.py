@@ -33,7 +33,7 @@ class SoupState:
     def __init__(self, config: SoupConfig, layout: SoupLayout, shared: Tensor, experts: Tensor,
                  router: dict[str, Tensor], *, factors: Tensor | None = None, lo: int = 0, hi: int | None = None,
                  betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.1,
-                 expert_lr_scale: float = 1.0, router_lr_scale: float = 1.0,
+                 expert_lr_scale: float = 1.0, router_lr_scale: float = 1.0, expert_weight_decay_scale: float = 1.0,
                  router_input_scale: float = 1.0, centre_alpha: bool = False,
                  expert_preconditioner: str = "own", centre_gradients: bool = False) -> None:
         self.config, self.layout = config, layout
@@ -71,6 +71,7 @@ class SoupState:
         if centre_gradients and not shared_moments:
             raise SoeError("--centre-expert-gradients needs --expert-preconditioner shared (it uses S's moments)")
         self.optimizer = FlatAdamW(params, decay, betas=betas, weight_decay=weight_decay, lr_scale=scales,
+                                   decay_scale={"E": expert_weight_decay_scale, "F": expert_weight_decay_scale},
                                    shared_moments=shared_moments,
                                    centred_gradients=frozenset({"E"}) if centre_gradients else frozenset())
 
