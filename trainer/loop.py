@@ -3,7 +3,9 @@
 Every micro-batch draws its own domain weights h (from π, or fixed for a baseline), a batch
 from mix(h) (Algorithm 1), merges Θ = S + αᵀE with α = φ(h), and backpropagates. Randomness
 is derived from (seed, step, micro-batch), so the data stream is a pure function of the step:
-a resumed run, or the same global batch split over ranks, sees exactly the same batches.
+a resumed run, or the same global batch split over ranks, sees exactly the same batches. That
+also lets each optimizer step know the next micro-batch's h, and (with the compiled expert
+update) merge its Θ in the same pass over the bank (trainer/fused_adamw.py).
 """
 from __future__ import annotations
 
