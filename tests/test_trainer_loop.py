@@ -247,6 +247,10 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path, sharding: str)
     for name in ("S", "E", "router.fc1.weight", "router.fc2.weight"):
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=2e-5, msg=name)
     assert not torch.equal(a["S"], _initial_shared(single))
+    from trainer import fused_adamw
+    if fused_adamw.available():  # every step after the first took rank 0's Θ as the last update merged it
+        records = [json.loads(line) for line in (multi / "runs" / "soup" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["merged_ahead"] for r in records if "merged_ahead" in r][-1] == 2
 
 
 def _initial_shared(work: Path) -> torch.Tensor:
