@@ -82,11 +82,13 @@ def clean_step_times(records: list[dict], switches: list[float], warmup: int) ->
     return out
 
 
-def run_worker(kind: str, workdir: Path, preset_name: str, experts: int) -> None:
+def run_worker(kind: str, workdir: Path, preset_name: str, experts: int, grad_accum: int | None) -> None:
     """One training that runs until it is killed (the parent stops and resumes it)."""
     from trainer.loop import RunSpec, train
 
     preset = get_preset(preset_name).replace(eval_every=10**9)
+    if grad_accum:
+        preset = preset.replace(grad_accum=grad_accum)
     if kind == "soup":
         spec = RunSpec("soup", None, experts)
     else:
@@ -99,6 +101,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="cpu-demo")
     parser.add_argument("--experts", type=int, help="n for the soup (default: the preset's)")
+    parser.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step, for exploring recipes "
+                        "(default: the preset's, which is what the target is about)")
     parser.add_argument("--steps", type=int, default=60, help="measured steps per model")
     parser.add_argument("--warmup", type=int, default=3, help="first steps of each training left out")
     parser.add_argument("--slice", type=float, default=1.5, help="seconds each training runs before the other's turn")
@@ -111,9 +115,11 @@ def main() -> None:
     preset = get_preset(args.preset)
     experts = preset.experts if args.experts is None else args.experts
     if args.worker:
-        run_worker(args.worker, Path(args.workdir), args.preset, experts)
+        run_worker(args.worker, Path(args.workdir), args.preset, experts, args.grad_accum)
         return
 
+    if args.grad_accum:
+        preset = preset.replace(grad_accum=args.grad_accum)
     tokens_per_step = preset.batch_size * preset.grad_accum * preset.model.max_seq_len
     print(json.dumps({"setup": True, "preset": preset.name, "model": preset.model.to_dict(), "experts": experts,
                       "tokens_per_step": tokens_per_step, "torch_threads": torch.get_num_threads(),
@@ -126,8 +132,9 @@ def main() -> None:
     try:
         workdir = synthetic_workdir(root, preset.model.vocab_size, args.tokens_per_domain)
         for kind in KINDS:
+            extra = ["--grad-accum", str(args.grad_accum)] if args.grad_accum else []
             workers[kind] = subprocess.Popen([sys.executable, __file__, "--preset", args.preset, "--experts",
-                                              str(experts), "--worker", kind, "--workdir", str(workdir)])
+                                              str(experts), "--worker", kind, "--workdir", str(workdir), *extra])
             if kind != KINDS[0]:
                 os.kill(workers[kind].pid, signal.SIGSTOP)
         running, deadline = 0, time.time() + args.timeout
@@ -168,7 +175,7 @@ def main() -> None:
     print(f"ratio soup / plain: {ratio:.3f} (target ≥ 0.9: {'met' if ratio >= 0.9 else 'NOT met'}); "
           f"{len(switches) // 2} turns of {args.slice} s\n")
     print(json.dumps({"soup_tokens_per_s": rates["soup"], "plain_tokens_per_s": rates["plain"], "ratio": ratio,
-                      "experts": experts, "preset": preset.name}))
+                      "experts": experts, "preset": preset.name, "grad_accum": preset.grad_accum}))
 
 
 if __name__ == "__main__":
