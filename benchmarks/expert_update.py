@@ -1,5 +1,6 @@
 """The soup's per-step optimizer work on the expert bank: torch's fused AdamW row by row vs the
-compiled one-pass kernel (trainer/fused_adamw.py), with and without the next merge folded in.
+compiled one-pass kernel (trainer/fused_adamw.py), with and without the next merge folded in,
+with float32 or bfloat16 moments (`--expert-moments`).
 
     python benchmarks/expert_update.py [--experts 16] [--width 1340000] [--reps 15]
 
@@ -58,6 +59,11 @@ def main() -> None:
     def kernel_and_merge() -> None:
         opt.step({"S": torch.zeros(q), "E": grad}, 1e-3, lambda: (opt.params["S"], alpha_next, out))
 
+    bf16 = FlatAdamW({"E": p}, {"E": q - q // 50}, moment_dtype={"E": torch.bfloat16})
+
+    def kernel_bf16_and_merge() -> None:
+        bf16.step({"E": grad}, 1e-3, lambda: (opt.params["S"], alpha_next, out))
+
     def stream() -> None:
         p.mul_(1.0)
         m.mul_(1.0)
@@ -65,7 +71,8 @@ def main() -> None:
 
     variants = {"torch rows": torch_rows, "torch rows + merge": torch_rows_and_merge, "read+write p, m, v": stream}
     if fused_adamw.available():
-        variants.update({"kernel": kernel, "kernel + merge": kernel_and_merge})
+        variants.update({"kernel": kernel, "kernel + merge": kernel_and_merge,
+                         "kernel bf16 m,v + merge": kernel_bf16_and_merge})
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.reps + 1):
         for name, fn in variants.items():
@@ -78,9 +85,9 @@ def main() -> None:
     for name, ms in medians.items():
         print(json.dumps({"variant": name, "median_ms": ms, "experts": n, "width": q,
                           "threads": torch.get_num_threads(), "state_mb": state_mb}))
-    print(f"\n{'variant':<22}{'median ms':>10}")
+    print(f"\n{'variant':<26}{'median ms':>10}")
     for name, ms in medians.items():
-        print(f"{name:<22}{ms:>10.2f}")
+        print(f"{name:<26}{ms:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -82,13 +82,21 @@ def clean_step_times(records: list[dict], switches: list[float], warmup: int) ->
     return out
 
 
-def run_worker(kind: str, workdir: Path, preset_name: str, experts: int, grad_accum: int | None) -> None:
+def preset_for(args: argparse.Namespace):
+    """The preset with this run's overrides (the same in the parent and in both workers)."""
+    preset = get_preset(args.preset)
+    if args.grad_accum:
+        preset = preset.replace(grad_accum=args.grad_accum)
+    if args.expert_moments:
+        preset = preset.replace(expert_moments=args.expert_moments)
+    return preset
+
+
+def run_worker(kind: str, workdir: Path, preset, experts: int) -> None:
     """One training that runs until it is killed (the parent stops and resumes it)."""
     from trainer.loop import RunSpec, train
 
-    preset = get_preset(preset_name).replace(eval_every=10**9)
-    if grad_accum:
-        preset = preset.replace(grad_accum=grad_accum)
+    preset = preset.replace(eval_every=10**9)
     if kind == "soup":
         spec = RunSpec("soup", None, experts)
     else:
@@ -103,6 +111,8 @@ def main() -> None:
     parser.add_argument("--experts", type=int, help="n for the soup (default: the preset's)")
     parser.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step, for exploring recipes "
                         "(default: the preset's, which is what the target is about)")
+    parser.add_argument("--expert-moments", choices=["float32", "bfloat16"],
+                        help="storage dtype of the soup's expert Adam moments (default: the preset's)")
     parser.add_argument("--steps", type=int, default=60, help="measured steps per model")
     parser.add_argument("--warmup", type=int, default=3, help="first steps of each training left out")
     parser.add_argument("--slice", type=float, default=1.5, help="seconds each training runs before the other's turn")
@@ -112,17 +122,15 @@ def main() -> None:
     parser.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    preset = get_preset(args.preset)
+    preset = preset_for(args)
     experts = preset.experts if args.experts is None else args.experts
     if args.worker:
-        run_worker(args.worker, Path(args.workdir), args.preset, experts, args.grad_accum)
+        run_worker(args.worker, Path(args.workdir), preset, experts)
         return
 
-    if args.grad_accum:
-        preset = preset.replace(grad_accum=args.grad_accum)
     tokens_per_step = preset.batch_size * preset.grad_accum * preset.model.max_seq_len
     print(json.dumps({"setup": True, "preset": preset.name, "model": preset.model.to_dict(), "experts": experts,
-                      "tokens_per_step": tokens_per_step, "torch_threads": torch.get_num_threads(),
+                      "expert_moments": preset.expert_moments, "tokens_per_step": tokens_per_step, "torch_threads": torch.get_num_threads(),
                       "slice_s": args.slice, "load_average_1m": os.getloadavg()[0],
                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}), flush=True)
     root = Path(tempfile.mkdtemp(prefix="soe-train-bench-", dir=args.tmp))
@@ -132,7 +140,8 @@ def main() -> None:
     try:
         workdir = synthetic_workdir(root, preset.model.vocab_size, args.tokens_per_domain)
         for kind in KINDS:
-            extra = ["--grad-accum", str(args.grad_accum)] if args.grad_accum else []
+            extra = (["--grad-accum", str(args.grad_accum)] if args.grad_accum else []) + \
+                (["--expert-moments", args.expert_moments] if args.expert_moments else [])
             workers[kind] = subprocess.Popen([sys.executable, __file__, "--preset", args.preset, "--experts",
                                               str(experts), "--worker", kind, "--workdir", str(workdir), *extra])
             if kind != KINDS[0]:
@@ -175,7 +184,8 @@ def main() -> None:
     print(f"ratio soup / plain: {ratio:.3f} (target ≥ 0.9: {'met' if ratio >= 0.9 else 'NOT met'}); "
           f"{len(switches) // 2} turns of {args.slice} s\n")
     print(json.dumps({"soup_tokens_per_s": rates["soup"], "plain_tokens_per_s": rates["plain"], "ratio": ratio,
-                      "experts": experts, "preset": preset.name, "grad_accum": preset.grad_accum}))
+                      "experts": experts, "preset": preset.name, "grad_accum": preset.grad_accum,
+                      "expert_moments": preset.expert_moments}))
 
 
 if __name__ == "__main__":

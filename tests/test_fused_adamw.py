@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from soe_sdk.config import ModelConfig, RouterConfig, SoupConfig
+from soe_sdk.errors import SoeError
 from soe_sdk.fused import split_columns
 from trainer import checkpoint as ckpt
 from trainer import fused_adamw
@@ -170,3 +171,90 @@ def test_training_with_the_kernel_equals_training_through_torch(tmp_path: Path, 
     for key in ("S", "E", "opt.m.E", "opt.v.E", "router.fc1.weight"):
         scale = float(runs["torch"][key].abs().max())
         torch.testing.assert_close(runs["kernel"][key], runs["torch"][key], rtol=0, atol=1e-4 * scale)
+
+
+def test_bfloat16_moments_kernel_equals_the_widened_torch_update(two_threads, torch_adamw) -> None:
+    """bfloat16 moments: the kernel and torch's AdamW on widened copies store the same rounded
+    moments, and the parameters follow the float32-moment trajectory to within bfloat16 rounding."""
+    n, q, decay_end = 4, 150_007, 70_001
+    start = torch.randn(n, q, generator=torch.Generator().manual_seed(6)) * 0.1
+    runs = {name: FlatAdamW({"E": start.clone()}, {"E": decay_end}, weight_decay=0.1,
+                            moment_dtype={} if name == "float32" else {"E": torch.bfloat16})
+            for name in ("kernel", "torch", "float32")}
+    for step, lr in enumerate((1e-2, 3e-3, 1e-3)):
+        grad = _expert_grad(2, n, q, seed=20 + step)
+        runs["kernel"].step({"E": grad}, lr)
+        runs["float32"].step({"E": grad}, lr)
+        torch_adamw(lambda: runs["torch"].step({"E": grad}, lr))
+    kernel, reference, full = runs["kernel"], runs["torch"], runs["float32"]
+    assert kernel.exp_avg["E"].dtype == kernel.exp_avg_sq["E"].dtype == torch.bfloat16
+    moved = float((full.params["E"] - start).abs().max())
+    # equal to float32 rounding, except where a moment rounded the other way at an earlier step
+    # (one bfloat16 step, < 1 % of one update)
+    gap = (kernel.params["E"] - reference.params["E"]).abs()
+    assert float((gap > 2e-6).float().mean()) < 1e-3 and float(gap.max()) < 0.01 * moved
+    for moments in ("exp_avg", "exp_avg_sq"):
+        # the same float32 value rounded, except where an earlier step rounded the other way (an
+        # absolute difference that later steps carry along: bfloat16 rounding of the moment's scale)
+        ours, theirs = getattr(kernel, moments)["E"].float(), getattr(reference, moments)["E"].float()
+        assert float((ours != theirs).float().mean()) < 1e-3
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=2 ** -8 * float(theirs.abs().max()))
+        wide = getattr(full, moments)["E"]
+        torch.testing.assert_close(ours, wide, rtol=0, atol=2 ** -7 * float(wide.abs().max()))
+    assert float((kernel.params["E"] - full.params["E"]).abs().max()) < 0.01 * moved
+
+
+def test_bfloat16_moments_round_to_nearest_even_and_keep_nan() -> None:
+    """The kernel's rounding is torch's: for moments that land between bfloat16 values, on ties,
+    and for a NaN gradient (which must not turn into an infinity)."""
+    q = 4096
+    gen = torch.Generator().manual_seed(7)
+    p = torch.zeros(1, q)
+    m = torch.zeros(1, q, dtype=torch.bfloat16)
+    v = torch.zeros(1, q, dtype=torch.bfloat16)
+    g = torch.randn(1, q, generator=gen)
+    g[0, :64] = 1.0 + 2 ** -8 * torch.arange(64) / 32  # a run of values spanning ties
+    g[0, 100] = float("nan")
+    assert fused_adamw.update_rows(p, m, v, torch.ones(1, 1), g, lr=1e-3, betas=(0.0, 0.0), eps=1e-8,
+                                   weight_decay=0.0, decay_end=0, step=1)
+    # with β1 = β2 = 0 the moments are g and g² computed in float32, then rounded
+    expected_m, expected_v = g.bfloat16(), (g * g).bfloat16()
+    finite = torch.isfinite(g)
+    assert torch.equal(m[finite], expected_m[finite]) and torch.equal(v[finite], expected_v[finite])
+    assert bool(m[0, 100].isnan()) and bool(v[0, 100].isnan())
+
+
+def test_training_with_bfloat16_moments_resumes_exactly(tmp_path: Path) -> None:
+    """A tiny soup with bfloat16 expert moments: checkpoints keep them as bfloat16, a run paused
+    and resumed ends bit for bit where the uninterrupted run does, and resuming it with the other
+    moment dtype is refused."""
+    work = make_workdir(tmp_path / "work")
+    preset = get_preset("tiny").replace(max_steps=8, eval_every=10**6, expert_moments="bfloat16")
+    straight = train(work, preset, spec=RunSpec("straight"), checkpoint_every=8, progress=False)
+    train(work, preset, spec=RunSpec("paused"), checkpoint_every=4, stop_after=4, progress=False)
+    with pytest.raises(SoeError, match="expert_moments"):
+        train(work, preset.replace(expert_moments="float32"), spec=RunSpec("paused"), progress=False)
+    paused = train(work, preset, spec=RunSpec("paused"), checkpoint_every=4, progress=False)
+    a = ckpt.load_checkpoint(straight / "checkpoints", 8)[0]
+    b = ckpt.load_checkpoint(paused / "checkpoints", 8)[0]
+    assert a["opt.m.E"].dtype == a["opt.v.E"].dtype == torch.bfloat16 and a["opt.m.S"].dtype == torch.float32
+    assert json.loads((straight / "run.json").read_text())["expert_moments"] == "bfloat16"
+    for key in ("S", "E", "opt.m.E", "opt.v.E"):
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_row_dots_equal_the_float64_product_and_feed_the_router_gradient(two_threads) -> None:
+    """∂ℓ/∂α = E g from the kernel: as accurate as a float64 product (across thread ranges and a
+    partial last block), and what `accumulate` returns."""
+    gen = torch.Generator().manual_seed(8)
+    for n, q in ((16, 300_001), (3, 4097), (1, 10)):
+        rows, x = torch.randn(n, q, generator=gen), torch.randn(q, generator=gen)
+        dots = fused_adamw.row_dots(rows, x)
+        exact = rows.double() @ x.double()
+        assert dots is not None and dots.dtype == torch.float32 and dots.shape == (n,)
+        torch.testing.assert_close(dots.double(), exact, rtol=0, atol=1e-6 * float(exact.abs().max()) + 1e-6)
+    assert fused_adamw.row_dots(torch.randn(4, 6).T, torch.randn(4)) is None  # not contiguous: torch does it
+    state = SoupState.fresh(CONFIG, 5, torch.device("cpu"))
+    g = torch.randn(state.shared.numel(), generator=gen)
+    d_alpha = state.accumulate(torch.ones(CONFIG.router.n) / 3, g)
+    torch.testing.assert_close(d_alpha.double(), state.experts.double() @ g[state.e0:].double(), rtol=0, atol=1e-4)

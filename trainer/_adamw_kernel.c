@@ -12,6 +12,10 @@
  * one is picked at load time (target_clones), so one wheel runs on any x86-64 CPU. sqrtf
  * vectorises because the extension is compiled with -fno-math-errno (pyproject.toml).
  *
+ * The moments may be stored as bfloat16 (half the bytes of the two moments, a third of the
+ * pass): they are widened to float32 as they are read, updated in float32 and rounded to the
+ * nearest bfloat16 (ties to even, as torch's conversion) as they are written back.
+ *
  * Python calls it with raw data pointers, one column range per thread (trainer/fused_adamw.py
  * checks shapes, dtypes and devices first). The GIL is released while it runs.
  */
@@ -48,6 +52,21 @@ CLONES static void form_gradient(float *restrict grad, const float *restrict g, 
     }
 }
 
+static inline float widen(uint16_t b) {
+    const uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Round to the nearest bfloat16, ties to even; a NaN stays a (quiet) NaN. */
+static inline uint16_t narrow(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)((u >> 16) | 0x40u) : (uint16_t)rounded;
+}
+
 /* AdamW on one span of one row: p <- decay * p - step_size * m / (sqrt(v) / sqrt(1 - b2^t) + eps),
  * after m <- m + (1 - b1)(g - m) and v <- b2 v + (1 - b2) g^2; then out += next_alpha * p (out may be NULL). */
 CLONES static void update_span(float *restrict p, float *restrict m, float *restrict v, const float *restrict g,
@@ -70,12 +89,36 @@ CLONES static void update_span(float *restrict p, float *restrict m, float *rest
     }
 }
 
+/* The same update with bfloat16 moments (two loops, as above: a branch inside would stop vectorisation). */
+CLONES static void update_span_bf16(float *restrict p, uint16_t *restrict m, uint16_t *restrict v,
+                                    const float *restrict g, Py_ssize_t len, float decay, const Hyper *hp,
+                                    float next_alpha, float *restrict out) {
+    const float c1 = 1.0f - hp->b1, b2 = hp->b2, c2 = 1.0f - hp->b2;
+    const float step_size = hp->step_size, inv = hp->inv_bc2_sqrt, eps = hp->eps;
+#define UPDATE_BF16(i)                                                                                            \
+    const float gi = g[i], m0 = widen(m[i]), mi = m0 + c1 * (gi - m0), vi = b2 * widen(v[i]) + c2 * gi * gi;     \
+    const float pi = p[i] * decay - step_size * mi / (sqrtf(vi) * inv + eps);                                    \
+    m[i] = narrow(mi), v[i] = narrow(vi), p[i] = pi
+    if (out) {
+        for (Py_ssize_t i = 0; i < len; i++) {
+            UPDATE_BF16(i);
+            out[i] += next_alpha * pi;
+        }
+    } else {
+        for (Py_ssize_t i = 0; i < len; i++) {
+            UPDATE_BF16(i);
+        }
+    }
+#undef UPDATE_BF16
+}
+
 static PyObject *update_rows(PyObject *self, PyObject *args) {
     unsigned long long p_p, m_p, v_p, g_p, a_p, next_p, base_p, out_p;
     Py_ssize_t n, row_stride, lo, hi, decay_end, micro, g_stride;
+    int bf16_moments;
     float decay, b1, b2, eps, step_size, inv_bc2_sqrt;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKKnnnnnKnnKffffffKKK", &p_p, &m_p, &v_p, &n, &row_stride, &lo, &hi, &decay_end,
+    if (!PyArg_ParseTuple(args, "KKKpnnnnnKnnKffffffKKK", &p_p, &m_p, &v_p, &bf16_moments, &n, &row_stride, &lo, &hi, &decay_end,
                           &g_p, &micro, &g_stride, &a_p, &decay, &b1, &b2, &eps, &step_size, &inv_bc2_sqrt, &next_p,
                           &base_p, &out_p))
         return NULL;
@@ -83,7 +126,9 @@ static PyObject *update_rows(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "update_rows: negative size, empty column range or no micro-batch");
         return NULL;
     }
-    float *p = (float *)(uintptr_t)p_p, *m = (float *)(uintptr_t)m_p, *v = (float *)(uintptr_t)v_p;
+    float *p = (float *)(uintptr_t)p_p;
+    char *m = (char *)(uintptr_t)m_p, *v = (char *)(uintptr_t)v_p; /* float32 or bfloat16 */
+    const size_t item = bf16_moments ? 2 : 4;
     const float *g = (const float *)(uintptr_t)g_p, *a = (const float *)(uintptr_t)a_p;
     const float *next_alpha = (const float *)(uintptr_t)next_p, *base = (const float *)(uintptr_t)base_p;
     float *out = (float *)(uintptr_t)out_p; /* NULL unless the next merge is folded in */
@@ -100,9 +145,17 @@ static PyObject *update_rows(PyObject *self, PyObject *args) {
             form_gradient(grad, g + c0, g_stride, a + j, n, micro, len);
             const size_t at = (size_t)j * (size_t)row_stride + (size_t)c0;
             const float next = out ? next_alpha[j] : 0.0f;
-            update_span(p + at, m + at, v + at, grad, decayed, decay, &hp, next, out ? out + c0 : NULL);
-            update_span(p + at + decayed, m + at + decayed, v + at + decayed, grad + decayed, len - decayed, 1.0f, &hp,
-                        next, out ? out + c0 + decayed : NULL);
+            for (int part = 0; part < 2; part++) { /* the decayed columns, then the rest */
+                const Py_ssize_t from = part ? decayed : 0, span = part ? len - decayed : decayed;
+                const size_t k = at + (size_t)from;
+                float *o = out ? out + c0 + from : NULL;
+                if (bf16_moments)
+                    update_span_bf16(p + k, (uint16_t *)(m + item * k), (uint16_t *)(v + item * k), grad + from,
+                                     span, part ? 1.0f : decay, &hp, next, o);
+                else
+                    update_span(p + k, (float *)(m + item * k), (float *)(v + item * k), grad + from, span,
+                                part ? 1.0f : decay, &hp, next, o);
+            }
         }
     }
     Py_END_ALLOW_THREADS
@@ -110,12 +163,50 @@ static PyObject *update_rows(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* out[j] += sum_{i in [lo, hi)} E[j, i] * x[i] (double accumulators). A block of x stays in L1 while
+ * every row's stretch of it is read, so the bank is streamed once and x once, where a row-by-row
+ * GEMV reads x from L2/L3 once per row. The block's float partial sums go into double totals. */
+#define LANES 64 /* independent partial sums: whole vectors, enough of them to hide the add latency */
+CLONES static float dot_span(const float *restrict e, const float *restrict x, Py_ssize_t len) {
+    float acc[LANES] = {0.0f}, total = 0.0f;
+    Py_ssize_t i = 0;
+    for (; i + LANES <= len; i += LANES)
+        for (int k = 0; k < LANES; k++) acc[k] += e[i + k] * x[i + k];
+    for (; i < len; i++) total += e[i] * x[i];
+    for (int k = 0; k < LANES; k++) total += acc[k];
+    return total;
+}
+
+static PyObject *row_dots(PyObject *self, PyObject *args) {
+    unsigned long long e_p, x_p, out_p;
+    Py_ssize_t n, row_stride, lo, hi;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KnnnnKK", &e_p, &n, &row_stride, &lo, &hi, &x_p, &out_p)) return NULL;
+    if (n < 0 || lo < 0 || hi < lo) {
+        PyErr_SetString(PyExc_ValueError, "row_dots: negative size or empty column range");
+        return NULL;
+    }
+    const float *e = (const float *)(uintptr_t)e_p, *x = (const float *)(uintptr_t)x_p;
+    double *out = (double *)(uintptr_t)out_p;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t c0 = lo; c0 < hi; c0 += BLOCK) {
+        const Py_ssize_t len = c0 + BLOCK < hi ? BLOCK : hi - c0;
+        for (Py_ssize_t j = 0; j < n; j++) out[j] += dot_span(e + (size_t)j * (size_t)row_stride + (size_t)c0, x + c0, len);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"update_rows", update_rows, METH_VARARGS,
-     "update_rows(p, m, v, n, row_stride, lo, hi, decay_end, G, micro, g_stride, A, decay, beta1, beta2, eps, "
+     "update_rows(p, m, v, bf16_moments, n, row_stride, lo, hi, decay_end, G, micro, g_stride, A, decay, beta1, beta2, eps, "
      "step_size, inv_bc2_sqrt, next_alpha, base, out): AdamW on columns [lo, hi) of the n rows of p/m/v with "
      "gradient rows A[:, j] @ G (A: [micro, n], G: [micro, g_stride]); columns < decay_end are multiplied by "
-     "`decay` first; with out != 0, out[lo:hi] = base[lo:hi] + next_alpha @ p_new[:, lo:hi]. Raw float32 pointers."},
+     "`decay` first; with out != 0, out[lo:hi] = base[lo:hi] + next_alpha @ p_new[:, lo:hi]. Raw pointers: float32, "
+     "and m, v bfloat16 when bf16_moments is true."},
+    {"row_dots", row_dots, METH_VARARGS,
+     "row_dots(E, n, row_stride, lo, hi, x, out): out[j] += E[j, lo:hi] @ x[lo:hi] for the n rows; E, x float32, "
+     "out float64 (raw pointers)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,11 +1,13 @@
 """AdamW over the expert bank in one pass (`_adamw_kernel.c`), optionally merging the next Θ.
 
 Each expert row's gradient Σ_m A[m, j]·g_m is formed block by block in cache, the row, its
-first and second moments are updated, and — when the next step's α' is already known — α'_j
+first and second moments (float32 or bfloat16) are updated, and — when the next step's α' is already known — α'_j
 times the updated row is added into S + …, so the next merge needs no pass over the bank of
 its own. The column range is split across torch's threads. When the kernel was not built (no
 C compiler at install time) or the tensors do not qualify (not float32 on the CPU, not
 contiguous), `update_rows` returns False and the caller falls back to torch.
+
+`row_dots` is the bank's other pass of a step, ∂ℓ/∂α = E g, from the same extension.
 """
 from __future__ import annotations
 
@@ -37,15 +39,16 @@ def set_enabled(enabled: bool) -> bool:
     return previous
 
 
-def _fits(t: Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+def _fits(t: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    return t.device.type == "cpu" and t.dtype in dtypes and t.is_contiguous()
 
 
 def update_rows(p: Tensor, m: Tensor, v: Tensor, coefficients: Tensor, grads: Tensor, *, lr: float,
                 betas: tuple[float, float], eps: float, weight_decay: float, decay_end: int, step: int,
                 merge: tuple[Tensor, Tensor, Tensor] | None = None) -> bool:
     """AdamW (as torch's, decoupled decay on columns [0, decay_end)) of the rows p [n, q] with moments
-    m, v, whose gradient rows are coefficientsᵀ @ grads (coefficients [M, n], grads [M, q]).
+    m, v, whose gradient rows are coefficientsᵀ @ grads (coefficients [M, n], grads [M, q]). The moments
+    are float32, or both bfloat16 (updated in float32, stored rounded to nearest).
 
     `merge` = (base [q], α' [n], out [q]) also writes out = base + α' @ p_new in the same pass.
     Returns False, touching nothing, when the kernel cannot take these tensors.
@@ -53,8 +56,10 @@ def update_rows(p: Tensor, m: Tensor, v: Tensor, coefficients: Tensor, grads: Te
     if not available() or p.dim() != 2:
         return False
     n, q = p.shape
-    tensors = [p, m, v, coefficients, grads] + (list(merge) if merge is not None else [])
-    if not all(_fits(t) for t in tensors) or m.shape != p.shape or v.shape != p.shape:
+    tensors = [p, coefficients, grads] + (list(merge) if merge is not None else [])
+    if not all(_fits(t) for t in tensors) or m.shape != p.shape or v.shape != p.shape or m.dtype != v.dtype:
+        return False
+    if not (_fits(m, (torch.float32, torch.bfloat16)) and _fits(v, (torch.float32, torch.bfloat16))):
         return False
     micro = grads.shape[0]
     if coefficients.shape != (micro, n) or grads.shape[1] != q or micro < 1:
@@ -65,7 +70,7 @@ def update_rows(p: Tensor, m: Tensor, v: Tensor, coefficients: Tensor, grads: Te
     step_size = lr / (1 - b1 ** step)
     inv_bc2_sqrt = 1 / math.sqrt(1 - b2 ** step)
     base, alpha, out = (t.data_ptr() for t in merge) if merge is not None else (0, 0, 0)
-    pointers = (p.data_ptr(), m.data_ptr(), v.data_ptr())
+    pointers = (p.data_ptr(), m.data_ptr(), v.data_ptr(), m.dtype == torch.bfloat16)
 
     def part(lo: int, hi: int) -> None:
         _adamw_kernel.update_rows(*pointers, n, q, lo, hi, decay_end, grads.data_ptr(), micro, q,
@@ -74,3 +79,23 @@ def update_rows(p: Tensor, m: Tensor, v: Tensor, coefficients: Tensor, grads: Te
 
     split_columns(part, q)
     return True
+
+
+def row_dots(rows: Tensor, x: Tensor) -> Tensor | None:
+    """rows @ x for a float32 [n, q] bank and [q] vector on the CPU, reading the bank once with
+    x's blocks in cache and double accumulators; None (nothing computed) when the kernel cannot
+    take these tensors."""
+    if not available() or rows.dim() != 2 or x.dim() != 1 or not (_fits(rows) and _fits(x)):
+        return None
+    n, q = rows.shape
+    if x.numel() != q:
+        return None
+    partials: list[Tensor] = []
+
+    def part(lo: int, hi: int) -> None:
+        out = torch.zeros(n, dtype=torch.float64)
+        _adamw_kernel.row_dots(rows.data_ptr(), n, q, lo, hi, x.data_ptr(), out.data_ptr())
+        partials.append(out)  # list.append is atomic: each thread adds its own ranges' sums
+
+    split_columns(part, q)
+    return torch.stack(partials).sum(0).to(torch.float32)

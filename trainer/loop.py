@@ -117,7 +117,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                             expert_weight_decay_scale=preset.expert_weight_decay_scale,
                             router_lr_scale=preset.router_lr_scale, router_input_scale=preset.router_input_scale,
                             centre_alpha=preset.centre_alpha, expert_preconditioner=preset.expert_preconditioner,
-                            centre_gradients=preset.centre_expert_gradients)
+                            centre_gradients=preset.centre_expert_gradients, expert_moments=preset.expert_moments)
     if n and preset.router_init != "random":
         state.set_router(_initial_router(preset, workdir, shards, n))
 
@@ -143,7 +143,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                 "router_input_scale": preset.router_input_scale, "centre_alpha": preset.centre_alpha,
                 "expert_init_scale": preset.expert_init_scale, "router_init": preset.router_init,
                 "router_init_scale": preset.router_init_scale,
-                "expert_preconditioner": preset.expert_preconditioner,
+                "expert_preconditioner": preset.expert_preconditioner, "expert_moments": preset.expert_moments,
                 "centre_expert_gradients": preset.centre_expert_gradients, "storage_dtype": preset.storage_dtype,
                 "precision": "fp32" if autocast is None else "bf16"}
     if ctx.is_main:
@@ -288,7 +288,7 @@ def _check_same_run(saved: dict[str, Any], config: SoupConfig, sharding: str, wo
                        "use another run name or delete the run folder")
     run = saved.get("run", {})
     checked = [("router_input_scale", 1.0), ("centre_alpha", False), ("support_choice", "uniform"),
-               ("expert_preconditioner", "own"), ("centre_expert_gradients", False)]
+               ("expert_preconditioner", "own"), ("centre_expert_gradients", False), ("expert_moments", "float32")]
     if preset.support_choice == "neighbours":
         checked.append(("neighbour_share", 0.5))
     for key, default in checked:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,17 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) ->
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@contextmanager
+def _widened(t: Tensor, dtype: torch.dtype) -> Iterator[Tensor]:
+    """`t` itself when it has `dtype`, else a copy in `dtype` that is rounded back into `t` on exit."""
+    if t.dtype == dtype:
+        yield t
+        return
+    wide = t.to(dtype)
+    yield wide
+    t.copy_(wide)
 
 
 @dataclass
@@ -98,6 +110,8 @@ class FlatAdamW:
     weight_decay: float = 0.1
     lr_scale: dict[str, float] = field(default_factory=dict)  # per parameter name; 1.0 when absent
     decay_scale: dict[str, float] = field(default_factory=dict)  # × weight_decay per parameter name; 1.0 when absent
+    # storage dtype of a parameter's moments (float32 when absent); bfloat16 ones are updated in float32
+    moment_dtype: dict[str, torch.dtype] = field(default_factory=dict)
     # name → (source, column): that parameter's rows are preconditioned by the source's second
     # moment from that column on (an expert's gradient α_j·∇Θ over √v of ∇S = ∇Θ), not their own
     shared_moments: dict[str, tuple[str, int]] = field(default_factory=dict)
@@ -111,8 +125,9 @@ class FlatAdamW:
 
     def __post_init__(self) -> None:
         for name, p in self.params.items():
-            self.exp_avg.setdefault(name, torch.zeros_like(p))
-            self.exp_avg_sq.setdefault(name, torch.zeros_like(p))
+            dtype = self.moment_dtype.get(name, p.dtype)
+            self.exp_avg.setdefault(name, torch.zeros_like(p, dtype=dtype))
+            self.exp_avg_sq.setdefault(name, torch.zeros_like(p, dtype=dtype))
 
     @torch.no_grad()
     def step(self, grads: dict[str, Tensor | ExpertGrad], lr: float,
@@ -165,19 +180,20 @@ class FlatAdamW:
             return
         b1, b2 = self.betas
         step = step.to(p.device)
-        for sl, decay in ((slice(0, end), weight_decay), (slice(end, None), 0.0)):
-            if p[..., sl].numel() == 0:
-                continue
-            torch._fused_adamw_([p[..., sl]], [grad[..., sl]], [m[..., sl]], [v[..., sl]], [], [step],
-                                lr=lr, beta1=b1, beta2=b2, weight_decay=decay, eps=self.eps, amsgrad=False,
-                                maximize=False)
+        with _widened(m, p.dtype) as m_w, _widened(v, p.dtype) as v_w:  # torch's kernel wants the param's dtype
+            for sl, decay in ((slice(0, end), weight_decay), (slice(end, None), 0.0)):
+                if p[..., sl].numel() == 0:
+                    continue
+                torch._fused_adamw_([p[..., sl]], [grad[..., sl]], [m_w[..., sl]], [v_w[..., sl]], [], [step],
+                                    lr=lr, beta1=b1, beta2=b2, weight_decay=decay, eps=self.eps, amsgrad=False,
+                                    maximize=False)
 
     def _shared_denominator(self, name: str, width: int) -> Tensor | None:
         """√v̂ + ε of the source parameter (already updated this step: S comes before E)."""
         if name not in self.shared_moments:
             return None
         source, column = self.shared_moments[name]
-        v = self.exp_avg_sq[source][column:column + width]
+        v = self.exp_avg_sq[source][column:column + width].float()
         return (v / (1 - self.betas[1] ** self.step_count)).sqrt_().add_(self.eps)
 
     def _shared_mean(self, name: str, grad: ExpertGrad, width: int) -> tuple[Tensor | None, list[float]]:
@@ -185,7 +201,7 @@ class FlatAdamW:
         if name not in self.centred_gradients or name not in self.shared_moments or not grad.grads:
             return None, []
         source, column = self.shared_moments[name]
-        mean = self.exp_avg[source][column:column + width] / (1 - self.betas[0] ** self.step_count)
+        mean = self.exp_avg[source][column:column + width].float() / (1 - self.betas[0] ** self.step_count)
         # ∇S is the sum of the M micro-batches' (pre-scaled, clipped) gradients, so m̂/M is one micro-batch's
         # share: Σ_m α_mj (g_m − m̂/M) = row_j − mean_m(α_mj)·m̂
         return mean, torch.stack(grad.alphas).mean(0).tolist()
@@ -193,10 +209,11 @@ class FlatAdamW:
     def _update_shared(self, p: Tensor, grad: Tensor, m: Tensor, denom: Tensor, end: int, lr: float,
                        weight_decay: float) -> None:
         b1 = self.betas[0]
-        m.lerp_(grad, 1 - b1)
-        if end:
-            p[:end].mul_(1 - lr * weight_decay)
-        p.addcdiv_(m, denom, value=-lr / (1 - b1 ** self.step_count))
+        with _widened(m, p.dtype) as m_w:
+            m_w.lerp_(grad, 1 - b1)
+            if end:
+                p[:end].mul_(1 - lr * weight_decay)
+            p.addcdiv_(m_w, denom, value=-lr / (1 - b1 ** self.step_count))
 
     def state_tensors(self) -> dict[str, Tensor]:
         out = {f"opt.m.{k}": v for k, v in self.exp_avg.items()}

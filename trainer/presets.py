@@ -49,6 +49,9 @@ class Preset:
     router_init: str = "random"  # "random" or "centroids": φ starts as α = F h, F from the centroids'
     # principal axes (trainer/router_init.py), so similar mixtures share expert updates
     router_init_scale: float = 1.0  # with "centroids": RMS of ‖α‖ over single domains (weighted by the corpus)
+    expert_moments: str = "float32"  # dtype of the expert bank's Adam moments: "float32" or "bfloat16"
+    # (updated in float32, stored rounded to nearest: a third fewer bytes in the update's pass over
+    # the bank, the soup's largest cost per step beyond the plain model's, and half the moments' memory)
     expert_preconditioner: str = "own"  # "own": Adam moments per expert; "shared": each expert's update is
     # its momentum over S's √v, so it moves in proportion to its α rather than at the full rate
     centre_expert_gradients: bool = False  # with "shared": experts learn from ∇Θ − (S's running mean of ∇Θ)

@@ -21,10 +21,12 @@ from soe_sdk.errors import SoeError
 from soe_sdk.model import next_token_loss
 from soe_sdk.soup import ROUTER_NAMES, add_combination, init_soup, iter_init_soup, router_forward
 
+from . import fused_adamw
 from .layout import SoupLayout
 from .optim import ExpertGrad, FlatAdamW
 
 ALPHA_CENTRE_DECAY = 0.99  # ᾱ averages α over the last ~100 optimizer steps
+MOMENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --expert-moments
 
 
 class SoupState:
@@ -35,7 +37,8 @@ class SoupState:
                  betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.1,
                  expert_lr_scale: float = 1.0, router_lr_scale: float = 1.0, expert_weight_decay_scale: float = 1.0,
                  router_input_scale: float = 1.0, centre_alpha: bool = False,
-                 expert_preconditioner: str = "own", centre_gradients: bool = False) -> None:
+                 expert_preconditioner: str = "own", centre_gradients: bool = False,
+                 expert_moments: str = "float32") -> None:
         self.config, self.layout = config, layout
         self.router_input_scale = router_input_scale
         # Centring: Θ = S + Σ_j (α_j − ᾱ_j) E_j with ᾱ a running mean of α over the draws of π.
@@ -70,7 +73,10 @@ class SoupState:
         shared_moments = {"E": ("S", self.e0)} if expert_preconditioner == "shared" and self.n else {}
         if centre_gradients and not shared_moments:
             raise SoeError("--centre-expert-gradients needs --expert-preconditioner shared (it uses S's moments)")
+        if expert_moments not in MOMENT_DTYPES:
+            raise SoeError(f"--expert-moments {expert_moments!r}: use {' or '.join(MOMENT_DTYPES)}")
         self.optimizer = FlatAdamW(params, decay, betas=betas, weight_decay=weight_decay, lr_scale=scales,
+                                   moment_dtype={"E": MOMENT_DTYPES[expert_moments]},
                                    decay_scale={"E": expert_weight_decay_scale, "F": expert_weight_decay_scale},
                                    shared_moments=shared_moments,
                                    centred_gradients=frozenset({"E"}) if centre_gradients else frozenset())
@@ -201,7 +207,8 @@ class SoupState:
             return torch.zeros(0, device=g_slice.device)
         g_dense = g_slice[self.e0:]
         self.grad_experts.add(alpha, g_dense)
-        return self.experts @ g_dense
+        dots = fused_adamw.row_dots(self.experts, g_dense)
+        return self.experts @ g_dense if dots is None else dots
 
     def micro_step(self, h: Tensor, tokens: Tensor, scale: float,
                    gather: Callable[[Tensor], Tensor] | None = None,
