@@ -241,20 +241,3 @@ def test_training_with_bfloat16_moments_resumes_exactly(tmp_path: Path) -> None:
     assert json.loads((straight / "run.json").read_text())["expert_moments"] == "bfloat16"
     for key in ("S", "E", "opt.m.E", "opt.v.E"):
         assert torch.equal(a[key], b[key]), key
-
-
-def test_row_dots_equal_the_float64_product_and_feed_the_router_gradient(two_threads) -> None:
-    """∂ℓ/∂α = E g from the kernel: as accurate as a float64 product (across thread ranges and a
-    partial last block), and what `accumulate` returns."""
-    gen = torch.Generator().manual_seed(8)
-    for n, q in ((16, 300_001), (3, 4097), (1, 10)):
-        rows, x = torch.randn(n, q, generator=gen), torch.randn(q, generator=gen)
-        dots = fused_adamw.row_dots(rows, x)
-        exact = rows.double() @ x.double()
-        assert dots is not None and dots.dtype == torch.float32 and dots.shape == (n,)
-        torch.testing.assert_close(dots.double(), exact, rtol=0, atol=1e-6 * float(exact.abs().max()) + 1e-6)
-    assert fused_adamw.row_dots(torch.randn(4, 6).T, torch.randn(4)) is None  # not contiguous: torch does it
-    state = SoupState.fresh(CONFIG, 5, torch.device("cpu"))
-    g = torch.randn(state.shared.numel(), generator=gen)
-    d_alpha = state.accumulate(torch.ones(CONFIG.router.n) / 3, g)
-    torch.testing.assert_close(d_alpha.double(), state.experts.double() @ g[state.e0:].double(), rtol=0, atol=1e-4)

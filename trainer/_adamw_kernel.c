@@ -67,22 +67,23 @@ static inline uint16_t narrow(float f) {
     return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)((u >> 16) | 0x40u) : (uint16_t)rounded;
 }
 
-/* AdamW on one span of one row: p <- decay * p - step_size * m / (sqrt(v) / sqrt(1 - b2^t) + eps),
+/* AdamW on one span of one row with gradient gscale * g: p <- decay * p - step_size * m / (sqrt(v) / sqrt(1 - b2^t) + eps),
  * after m <- m + (1 - b1)(g - m) and v <- b2 v + (1 - b2) g^2; then out += next_alpha * p (out may be NULL). */
 CLONES static void update_span(float *restrict p, float *restrict m, float *restrict v, const float *restrict g,
-                               Py_ssize_t len, float decay, const Hyper *hp, float next_alpha, float *restrict out) {
+                               float gscale, Py_ssize_t len, float decay, const Hyper *hp, float next_alpha,
+                               float *restrict out) {
     const float c1 = 1.0f - hp->b1, b2 = hp->b2, c2 = 1.0f - hp->b2;
     const float step_size = hp->step_size, inv = hp->inv_bc2_sqrt, eps = hp->eps;
     if (out) {
         for (Py_ssize_t i = 0; i < len; i++) {
-            const float gi = g[i], mi = m[i] + c1 * (gi - m[i]), vi = b2 * v[i] + c2 * gi * gi;
+            const float gi = gscale * g[i], mi = m[i] + c1 * (gi - m[i]), vi = b2 * v[i] + c2 * gi * gi;
             const float pi = p[i] * decay - step_size * mi / (sqrtf(vi) * inv + eps);
             m[i] = mi, v[i] = vi, p[i] = pi;
             out[i] += next_alpha * pi;
         }
     } else {
         for (Py_ssize_t i = 0; i < len; i++) {
-            const float gi = g[i], mi = m[i] + c1 * (gi - m[i]), vi = b2 * v[i] + c2 * gi * gi;
+            const float gi = gscale * g[i], mi = m[i] + c1 * (gi - m[i]), vi = b2 * v[i] + c2 * gi * gi;
             m[i] = mi, v[i] = vi;
             p[i] = p[i] * decay - step_size * mi / (sqrtf(vi) * inv + eps);
         }
@@ -91,12 +92,12 @@ CLONES static void update_span(float *restrict p, float *restrict m, float *rest
 
 /* The same update with bfloat16 moments (two loops, as above: a branch inside would stop vectorisation). */
 CLONES static void update_span_bf16(float *restrict p, uint16_t *restrict m, uint16_t *restrict v,
-                                    const float *restrict g, Py_ssize_t len, float decay, const Hyper *hp,
-                                    float next_alpha, float *restrict out) {
+                                    const float *restrict g, float gscale, Py_ssize_t len, float decay,
+                                    const Hyper *hp, float next_alpha, float *restrict out) {
     const float c1 = 1.0f - hp->b1, b2 = hp->b2, c2 = 1.0f - hp->b2;
     const float step_size = hp->step_size, inv = hp->inv_bc2_sqrt, eps = hp->eps;
 #define UPDATE_BF16(i)                                                                                            \
-    const float gi = g[i], m0 = widen(m[i]), mi = m0 + c1 * (gi - m0), vi = b2 * widen(v[i]) + c2 * gi * gi;     \
+    const float gi = gscale * g[i], m0 = widen(m[i]), mi = m0 + c1 * (gi - m0), vi = b2 * widen(v[i]) + c2 * gi * gi;     \
     const float pi = p[i] * decay - step_size * mi / (sqrtf(vi) * inv + eps);                                    \
     m[i] = narrow(mi), v[i] = narrow(vi), p[i] = pi
     if (out) {
@@ -142,7 +143,10 @@ static PyObject *update_rows(PyObject *self, PyObject *args) {
         decayed = decayed < 0 ? 0 : (decayed > len ? len : decayed);
         if (out) memcpy(out + c0, base + c0, (size_t)len * sizeof(float));
         for (Py_ssize_t j = 0; j < n; j++) {
-            form_gradient(grad, g + c0, g_stride, a + j, n, micro, len);
+            /* one micro-batch: the row's gradient is a[j] * G, scaled in registers (no buffer pass) */
+            const float *row_g = micro == 1 ? g + c0 : grad;
+            const float gscale = micro == 1 ? a[j] : 1.0f;
+            if (micro > 1) form_gradient(grad, g + c0, g_stride, a + j, n, micro, len);
             const size_t at = (size_t)j * (size_t)row_stride + (size_t)c0;
             const float next = out ? next_alpha[j] : 0.0f;
             for (int part = 0; part < 2; part++) { /* the decayed columns, then the rest */
@@ -150,50 +154,16 @@ static PyObject *update_rows(PyObject *self, PyObject *args) {
                 const size_t k = at + (size_t)from;
                 float *o = out ? out + c0 + from : NULL;
                 if (bf16_moments)
-                    update_span_bf16(p + k, (uint16_t *)(m + item * k), (uint16_t *)(v + item * k), grad + from,
-                                     span, part ? 1.0f : decay, &hp, next, o);
+                    update_span_bf16(p + k, (uint16_t *)(m + item * k), (uint16_t *)(v + item * k), row_g + from,
+                                     gscale, span, part ? 1.0f : decay, &hp, next, o);
                 else
-                    update_span(p + k, (float *)(m + item * k), (float *)(v + item * k), grad + from, span,
-                                part ? 1.0f : decay, &hp, next, o);
+                    update_span(p + k, (float *)(m + item * k), (float *)(v + item * k), row_g + from, gscale,
+                                span, part ? 1.0f : decay, &hp, next, o);
             }
         }
     }
     Py_END_ALLOW_THREADS
     PyMem_RawFree(grad);
-    Py_RETURN_NONE;
-}
-
-/* out[j] += sum_{i in [lo, hi)} E[j, i] * x[i] (double accumulators). A block of x stays in L1 while
- * every row's stretch of it is read, so the bank is streamed once and x once, where a row-by-row
- * GEMV reads x from L2/L3 once per row. The block's float partial sums go into double totals. */
-#define LANES 64 /* independent partial sums: whole vectors, enough of them to hide the add latency */
-CLONES static float dot_span(const float *restrict e, const float *restrict x, Py_ssize_t len) {
-    float acc[LANES] = {0.0f}, total = 0.0f;
-    Py_ssize_t i = 0;
-    for (; i + LANES <= len; i += LANES)
-        for (int k = 0; k < LANES; k++) acc[k] += e[i + k] * x[i + k];
-    for (; i < len; i++) total += e[i] * x[i];
-    for (int k = 0; k < LANES; k++) total += acc[k];
-    return total;
-}
-
-static PyObject *row_dots(PyObject *self, PyObject *args) {
-    unsigned long long e_p, x_p, out_p;
-    Py_ssize_t n, row_stride, lo, hi;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "KnnnnKK", &e_p, &n, &row_stride, &lo, &hi, &x_p, &out_p)) return NULL;
-    if (n < 0 || lo < 0 || hi < lo) {
-        PyErr_SetString(PyExc_ValueError, "row_dots: negative size or empty column range");
-        return NULL;
-    }
-    const float *e = (const float *)(uintptr_t)e_p, *x = (const float *)(uintptr_t)x_p;
-    double *out = (double *)(uintptr_t)out_p;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t c0 = lo; c0 < hi; c0 += BLOCK) {
-        const Py_ssize_t len = c0 + BLOCK < hi ? BLOCK : hi - c0;
-        for (Py_ssize_t j = 0; j < n; j++) out[j] += dot_span(e + (size_t)j * (size_t)row_stride + (size_t)c0, x + c0, len);
-    }
-    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
@@ -204,9 +174,6 @@ static PyMethodDef methods[] = {
      "gradient rows A[:, j] @ G (A: [micro, n], G: [micro, g_stride]); columns < decay_end are multiplied by "
      "`decay` first; with out != 0, out[lo:hi] = base[lo:hi] + next_alpha @ p_new[:, lo:hi]. Raw pointers: float32, "
      "and m, v bfloat16 when bf16_moments is true."},
-    {"row_dots", row_dots, METH_VARARGS,
-     "row_dots(E, n, row_stride, lo, hi, x, out): out[j] += E[j, lo:hi] @ x[lo:hi] for the n rows; E, x float32, "
-     "out float64 (raw pointers)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -6,8 +6,6 @@ times the updated row is added into S + …, so the next merge needs no pass ove
 its own. The column range is split across torch's threads. When the kernel was not built (no
 C compiler at install time) or the tensors do not qualify (not float32 on the CPU, not
 contiguous), `update_rows` returns False and the caller falls back to torch.
-
-`row_dots` is the bank's other pass of a step, ∂ℓ/∂α = E g, from the same extension.
 """
 from __future__ import annotations
 
@@ -80,22 +78,3 @@ def update_rows(p: Tensor, m: Tensor, v: Tensor, coefficients: Tensor, grads: Te
     split_columns(part, q)
     return True
 
-
-def row_dots(rows: Tensor, x: Tensor) -> Tensor | None:
-    """rows @ x for a float32 [n, q] bank and [q] vector on the CPU, reading the bank once with
-    x's blocks in cache and double accumulators; None (nothing computed) when the kernel cannot
-    take these tensors."""
-    if not available() or rows.dim() != 2 or x.dim() != 1 or not (_fits(rows) and _fits(x)):
-        return None
-    n, q = rows.shape
-    if x.numel() != q:
-        return None
-    partials: list[Tensor] = []
-
-    def part(lo: int, hi: int) -> None:
-        out = torch.zeros(n, dtype=torch.float64)
-        _adamw_kernel.row_dots(rows.data_ptr(), n, q, lo, hi, x.data_ptr(), out.data_ptr())
-        partials.append(out)  # list.append is atomic: each thread adds its own ranges' sums
-
-    split_columns(part, q)
-    return torch.stack(partials).sum(0).to(torch.float32)

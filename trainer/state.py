@@ -21,7 +21,6 @@ from soe_sdk.errors import SoeError
 from soe_sdk.model import next_token_loss
 from soe_sdk.soup import ROUTER_NAMES, add_combination, init_soup, iter_init_soup, router_forward
 
-from . import fused_adamw
 from .layout import SoupLayout
 from .optim import ExpertGrad, FlatAdamW
 
@@ -207,8 +206,7 @@ class SoupState:
             return torch.zeros(0, device=g_slice.device)
         g_dense = g_slice[self.e0:]
         self.grad_experts.add(alpha, g_dense)
-        dots = fused_adamw.row_dots(self.experts, g_dense)
-        return self.experts @ g_dense if dots is None else dots
+        return self.experts @ g_dense
 
     def micro_step(self, h: Tensor, tokens: Tensor, scale: float,
                    gather: Callable[[Tensor], Tensor] | None = None,
