@@ -1,11 +1,12 @@
 """AdamW over the expert bank in one pass (`_adamw_kernel.c`), optionally merging the next Θ.
 
 Each expert row's gradient Σ_m A[m, j]·g_m is formed block by block in cache, the row, its
-first and second moments (float32 or bfloat16) are updated, and — when the next step's α' is already known — α'_j
-times the updated row is added into S + …, so the next merge needs no pass over the bank of
-its own. The column range is split across torch's threads. When the kernel was not built (no
-C compiler at install time) or the tensors do not qualify (not float32 on the CPU, not
-contiguous), `update_rows` returns False and the caller falls back to torch.
+first and second moments (float32, or bfloat16 with `--expert-moments bfloat16`) are updated,
+and — when the next step's α' is already known — α'_j times the updated row is added into
+S + …, so the next merge needs no pass over the bank of its own. The column range is split
+across torch's threads. When the kernel was not built (no C compiler at install time) or the
+tensors do not qualify (not on the CPU, not contiguous, parameters not float32), `update_rows`
+returns False and the caller falls back to torch.
 """
 from __future__ import annotations
 
@@ -77,4 +78,3 @@ def update_rows(p: Tensor, m: Tensor, v: Tensor, coefficients: Tensor, grads: Te
 
     split_columns(part, q)
     return True
-
