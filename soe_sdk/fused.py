@@ -10,7 +10,7 @@ caller falls back to torch.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -85,50 +85,76 @@ class BoundCombination:
         self._args = (q, base.data_ptr(), _DTYPE_CODES[base.dtype], rows.data_ptr(), _DTYPE_CODES[rows.dtype],
                       rows.stride(0), m)
 
-    def __call__(self, alpha: Tensor, out: Tensor) -> Tensor:
-        """Write the combination with coefficients `alpha` (float32, contiguous, CPU) into `out` ([q] float32)."""
+    def __call__(self, alpha: Tensor, out: Tensor, threads: int | None = None) -> Tensor:
+        """Write the combination with coefficients `alpha` (float32, contiguous, CPU) into `out` ([q] float32),
+        on up to `threads` threads (default: torch's, for combinations large enough to split)."""
         q, base, base_code, rows, rows_code, stride, m = self._args
         if out.numel() != q or alpha.numel() != m or out.dtype != torch.float32 or alpha.dtype != torch.float32:
             raise ValueError(f"bound combination of {m} rows × {q}: got α of {alpha.numel()} and out of {out.numel()}")
-        _combine(out.data_ptr(), q, base, base_code, rows, rows_code, stride, m, alpha.data_ptr())
+        _combine(out.data_ptr(), q, base, base_code, rows, rows_code, stride, m, alpha.data_ptr(), threads)
         return out
 
 
+def combine_all(combinations: Sequence[tuple[BoundCombination, Tensor]], alpha: Tensor) -> None:
+    """Run every (bound combination, out) pair with the same `alpha`, one pair per thread at a time.
+
+    For the many small parameters of a model: each is too small to split by columns, so they
+    run side by side instead, on torch's threads, and a merge of small tensors uses every core.
+    """
+    run_parallel([lambda c=c, out=out: c(alpha, out, threads=1) for c, out in combinations])
+
+
 def _combine(out: int, q: int, base: int, base_code: int, rows: int, rows_code: int, stride: int, m: int,
-             alpha: int) -> None:
-    """The kernel on raw pointers; large combinations are split by columns across torch's threads."""
+             alpha: int, threads: int | None = None) -> None:
+    """The kernel on raw pointers; large combinations are split by columns across `threads` (default torch's)."""
     def part(lo: int, hi: int) -> None:
         _merge_kernel.combine(out + 4 * lo, hi - lo, base + _ITEM_BYTES[base_code] * lo if base else 0, base_code,
                               rows + _ITEM_BYTES[rows_code] * lo, rows_code, stride, m, alpha)
 
-    split_columns(part, q, threads=1 if m * q < PARALLEL_ELEMENTS else None)
+    split_columns(part, q, threads=1 if m * q < PARALLEL_ELEMENTS else threads)
 
 
 def split_columns(part: Callable[[int, int], None], q: int, threads: int | None = None) -> None:
     """Run `part(lo, hi)` on column ranges that cover [0, q), in parallel on up to `threads` threads
-    (default: torch's), for C kernels that release the GIL. The ranges start on multiples of 16384
-    and are handed out one at a time as threads become free: right after a torch operation, its
-    OpenMP workers keep spinning on the cores for a few milliseconds, and a thread that shares its
-    core with one then simply takes fewer ranges instead of holding up the others."""
+    (default: torch's), for C kernels that release the GIL. The ranges start on multiples of 16384."""
     threads = min(threads or torch.get_num_threads(), max(1, q // _COLUMN_ALIGN))
     if threads < 2:
         part(0, q)
+        return
+    width = min(_RANGE_COLUMNS, -(-q // threads // _COLUMN_ALIGN) * _COLUMN_ALIGN)
+    run_parallel([lambda lo=lo: part(lo, min(lo + width, q)) for lo in range(0, q, width)], threads)
+
+
+def run_parallel(tasks: Sequence[Callable[[], None]], threads: int | None = None) -> None:
+    """Run every task once, on up to `threads` threads (default: torch's), for work in C that
+    releases the GIL. Tasks must not call `run_parallel` themselves (they would wait on the pool
+    they occupy).
+
+    Tasks are handed out one at a time as threads become free: right after a torch operation,
+    its OpenMP workers keep spinning on the cores for a few milliseconds, and a thread that
+    shares its core with one then simply takes fewer tasks instead of holding up the others.
+    """
+    threads = min(threads or torch.get_num_threads(), len(tasks))
+    if threads < 2:
+        for task in tasks:
+            task()
         return
     global _pool, _pool_owner
     if _pool is None or _pool_owner[0] != os.getpid() or _pool_owner[1] < threads - 1:
         _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="soe-columns")
         _pool_owner = (os.getpid(), threads - 1)
-    width = min(_RANGE_COLUMNS, -(-q // threads // _COLUMN_ALIGN) * _COLUMN_ALIGN)
-    ranges = iter([(lo, min(lo + width, q)) for lo in range(0, q, width)])
+    queue = iter(tasks)
 
     def work() -> None:
-        for lo, hi in ranges:  # the iterator is shared: each range goes to exactly one thread
-            part(lo, hi)
+        for task in queue:  # the iterator is shared: each task goes to exactly one thread
+            task()
 
     futures = [_pool.submit(work) for _ in range(threads - 1)]
-    work()
-    for future in futures:
-        future.result()
+    try:
+        work()
+    finally:  # never return while a helper still runs a task
+        for future in futures:
+            future.result()
 
 
 def bind(base: Tensor, rows: Tensor) -> BoundCombination | None:

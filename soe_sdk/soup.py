@@ -47,6 +47,7 @@ RELEASE_ROWS = 4  # expert rows read at once by a page-releasing merge without t
 # expert rows one pass of the page-releasing kernel reads at once: each keeps one 2 MB granule
 # mapped, so a merge maps at most (this + 1) · 2 MB of the file whatever n is
 STREAMED_ROWS = 32
+MERGE_WINDOW_BYTES = 8 << 20  # output of the small parameters merged side by side (held until yielded)
 MERGE_PLANS_KEPT = 8  # merge plans a Soup caches (one per set of kept experts and dtype), newest kept
 VERIFY_CHUNK_BYTES = 4 << 20  # bytes hashed between two releases of a tensor's pages
 LOW_MEMORY_ABOVE_BYTES = 1 << 30  # default for `low_memory`: release the pages of archives above this size
@@ -341,6 +342,38 @@ class _ParameterPlan:
     combine: fused.BoundCombination | None = None  # the fused kernel bound to `shared` and `rows`, when it applies
 
 
+def _batches(plan: Sequence[_ParameterPlan]) -> Iterator[list[_ParameterPlan]]:
+    """The plan in merge order: runs of kernel-bound parameters grouped into batches of at most
+    MERGE_WINDOW_BYTES of output (so a streamed merge holds no more than that at once), every
+    other parameter alone."""
+    batch: list[_ParameterPlan] = []
+    size = 0
+    for p in plan:
+        nbytes = p.rows.shape[1] * 4 if p.combine is not None else 0
+        if batch and (p.combine is None or size + nbytes > MERGE_WINDOW_BYTES):
+            yield batch
+            batch, size = [], 0
+        if p.combine is None:
+            yield [p]
+        else:
+            batch.append(p)
+            size += nbytes
+    if batch:
+        yield batch
+
+
+def _merge_bound(batch: Sequence[_ParameterPlan], a_keep: Tensor, pages: _MappedPages) -> list[Tensor]:
+    """Θ for parameters whose plans bound the fused kernel: one thread per parameter at a time.
+
+    Each is a single block, too small to split by columns, so a model of many small tensors
+    would otherwise merge on one core."""
+    outs = [torch.empty(p.rows.shape[1], dtype=torch.float32) for p in batch]
+    fused.combine_all([(p.combine, out) for p, out in zip(batch, outs)], a_keep)
+    for p in batch:
+        pages.small(p.read_bytes)
+    return [out.view(p.shape) for p, out in zip(batch, outs)]
+
+
 def as_domain_weights(h: Any, k: int) -> Tensor:
     """Validate domain weights: k non-negative finite numbers with a positive sum, renormalised."""
     t = torch.as_tensor(np.asarray(h, dtype=np.float64), dtype=torch.float32).flatten()
@@ -520,13 +553,16 @@ class Soup:
         pages = self._release_pages()
         try:
             with torch.no_grad():
-                for p in plan:
-                    theta = self._merge(p, a_keep, keep, dtype, scratch, pages)
-                    if checks:
+                for batch in _batches(plan):
+                    if batch[0].combine is not None:  # small parameters, merged side by side
+                        thetas = _merge_bound(batch, a_keep, pages)
+                    else:
+                        thetas = [self._merge(batch[0], a_keep, keep, dtype, scratch, pages)]
+                    for p, theta in zip(batch, thetas):
                         for x in p.inputs:
                             if x in checks:
                                 checks[x].result()  # re-raises a checksum mismatch
-                    yield p.name, theta
+                        yield p.name, theta
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -565,7 +601,7 @@ class Soup:
                     rows = flat_s = None  # more rows than the scratch buffer holds: the blocked path
                 else:
                     read = flat_s.numel() * flat_s.element_size() + rows.numel() * rows.element_size()
-        # the kernel where rows need widening; rows already in `dtype` go to torch's (multi-threaded) GEMM
+        # one block of rows into float32: the kernel, which widens 16-bit rows as it reads them
         combine = fused.bind(flat_s, rows) if rows is not None and not same and dtype == torch.float32 else None
         return _ParameterPlan(name, torch.Size(shape), inputs, read, rows, flat_s, same, combine)
 
@@ -578,10 +614,8 @@ class Soup:
 
     def _merge(self, plan: _ParameterPlan, a_keep: Tensor, keep: list[int], dtype: torch.dtype, scratch: Tensor,
                pages: _MappedPages) -> Tensor:
-        if plan.rows is not None:  # one block of consecutive experts on the CPU
-            if plan.combine is not None:  # the fused kernel reads the mapped rows once
-                theta = plan.combine(a_keep, torch.empty(plan.rows.shape[1], dtype=dtype))
-            elif plan.same_dtype:  # one combination straight from the file
+        if plan.rows is not None:  # one block of consecutive experts on the CPU, without the kernel
+            if plan.same_dtype:  # one combination straight from the file
                 theta = add_combination(plan.shared, a_keep, plan.rows)
             else:  # convert the rows into the scratch buffer (in cache), then one combination
                 count, numel = plan.rows.shape

@@ -100,6 +100,25 @@ def test_next_merge_is_written_in_the_same_pass(two_threads) -> None:
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [4, 16])
+def test_a_merge_made_alone_equals_the_merge_folded_into_an_update(two_threads, moments: torch.dtype, n: int) -> None:
+    """Bit for bit, on whatever instruction set this CPU runs: a resumed run merges its first Θ on
+    its own where the uninterrupted run took the folded one."""
+    q = 70_001
+    gen = torch.Generator().manual_seed(5)
+    p, base, alpha = torch.randn(n, q, generator=gen), torch.randn(q, generator=gen), torch.randn(n, generator=gen)
+    m, v = torch.zeros(n, q, dtype=moments), torch.zeros(n, q, dtype=moments)
+    folded, alone = torch.empty(q), torch.full((q,), float("nan"))
+    assert fused_adamw.update_rows(p, m, v, torch.randn(1, n, generator=gen), torch.randn(1, q, generator=gen),
+                                   lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, decay_end=q // 2, step=3,
+                                   merge=(base, alpha, folded))
+    assert fused_adamw.merge_rows(base, alpha, p, alone)
+    assert torch.equal(alone, folded)
+    torch.testing.assert_close(alone.double(), base.double() + alpha.double() @ p.double(), rtol=0, atol=1e-5)
+    assert not fused_adamw.merge_rows(base, alpha[:-1], p, alone)  # α of the wrong length: declined
+
+
 def test_kernel_declines_what_it_cannot_take() -> None:
     n, q = 3, 1000
     grad = _expert_grad(1, n, q, seed=4)

@@ -130,6 +130,44 @@ def test_a_large_combination_split_across_threads_equals_torch(monkeypatch: pyte
         torch.set_num_threads(threads)
 
 
+def test_run_parallel_runs_every_task_once_and_reraises_after_the_others_finished() -> None:
+    seen: list[int] = []
+    fused.run_parallel([lambda i=i: seen.append(i) for i in range(50)], threads=3)
+    assert sorted(seen) == list(range(50))
+    done: list[int] = []
+
+    def fail() -> None:
+        raise ValueError("task 7 failed")
+
+    tasks = [lambda i=i: done.append(i) for i in range(20)]
+    tasks[7] = fail
+    with pytest.raises(ValueError, match="task 7 failed"):
+        fused.run_parallel(tasks, threads=3)
+    assert sorted(done) == [i for i in range(20) if i != 7]  # nothing still running, nothing skipped
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_small_combinations_merged_side_by_side_equal_each_merged_alone(dtype: torch.dtype) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        gen = torch.Generator().manual_seed(3)
+        alpha = torch.randn(5, generator=gen)
+        pairs = []
+        for q in (1, 17, 4096, 16384 + 5, 300):
+            bank = torch.randn(5, q, generator=gen).to(dtype)
+            pairs.append((fused.bind(torch.randn(q, generator=gen).to(dtype), bank), bank, q))
+        outs = [torch.full((q,), float("nan")) for _, _, q in pairs]
+        fused.combine_all([(bound, out) for (bound, _, _), out in zip(pairs, outs)], alpha)
+        for (bound, bank, q), out in zip(pairs, outs):
+            alone = bound(alpha, torch.empty(q))
+            assert torch.equal(out, alone)
+            expected = bound.base.double() + alpha.double() @ bank.double()
+            torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_merges_with_its_own_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fused, "PARALLEL_ELEMENTS", 1)

@@ -67,6 +67,12 @@ static inline uint16_t narrow(float f) {
     return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)((u >> 16) | 0x40u) : (uint16_t)rounded;
 }
 
+/* No FMA from here to the end of the merges: `out += alpha * p` then rounds the same way in an
+ * update's folded merge and in merge_rows on every instruction set, so a merge made on its own equals
+ * the folded one bit for bit (a resumed run, whose first step cannot take a folded merge, is exact). */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
 /* AdamW on one span of one row with gradient gscale * g: p <- decay * p - step_size * m / (sqrt(v) / sqrt(1 - b2^t) + eps),
  * after m <- m + (1 - b1)(g - m) and v <- b2 v + (1 - b2) g^2; then out += next_alpha * p (out may be NULL). */
 CLONES static void update_span(float *restrict p, float *restrict m, float *restrict v, const float *restrict g,
@@ -111,6 +117,35 @@ CLONES static void update_span_bf16(float *restrict p, uint16_t *restrict m, uin
         }
     }
 #undef UPDATE_BF16
+}
+
+/* out[0, len) += a * row[i]: the folded merge's arithmetic, so a merge made here equals one folded into an update. */
+CLONES static void accumulate_span(float *restrict out, const float *restrict row, float a, Py_ssize_t len) {
+    for (Py_ssize_t i = 0; i < len; i++) out[i] += a * row[i];
+}
+
+#pragma GCC pop_options
+
+static PyObject *merge_rows(PyObject *self, PyObject *args) {
+    unsigned long long p_p, alpha_p, base_p, out_p;
+    Py_ssize_t n, row_stride, lo, hi;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KnnnnKKK", &p_p, &n, &row_stride, &lo, &hi, &alpha_p, &base_p, &out_p)) return NULL;
+    if (n < 0 || lo < 0 || hi < lo) {
+        PyErr_SetString(PyExc_ValueError, "merge_rows: negative size or empty column range");
+        return NULL;
+    }
+    const float *p = (const float *)(uintptr_t)p_p, *alpha = (const float *)(uintptr_t)alpha_p;
+    const float *base = (const float *)(uintptr_t)base_p;
+    float *out = (float *)(uintptr_t)out_p;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t c0 = lo; c0 < hi; c0 += BLOCK) { /* the blocks and row order of update_rows */
+        const Py_ssize_t len = c0 + BLOCK < hi ? BLOCK : hi - c0;
+        memcpy(out + c0, base + c0, (size_t)len * sizeof(float));
+        for (Py_ssize_t j = 0; j < n; j++) accumulate_span(out + c0, p + (size_t)j * (size_t)row_stride + (size_t)c0, alpha[j], len);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
 }
 
 static PyObject *update_rows(PyObject *self, PyObject *args) {
@@ -174,6 +209,9 @@ static PyMethodDef methods[] = {
      "gradient rows A[:, j] @ G (A: [micro, n], G: [micro, g_stride]); columns < decay_end are multiplied by "
      "`decay` first; with out != 0, out[lo:hi] = base[lo:hi] + next_alpha @ p_new[:, lo:hi]. Raw pointers: float32, "
      "and m, v bfloat16 when bf16_moments is true."},
+    {"merge_rows", merge_rows, METH_VARARGS,
+     "merge_rows(p, n, row_stride, lo, hi, alpha, base, out): out[lo:hi] = base[lo:hi] + alpha @ p[:, lo:hi], "
+     "with the arithmetic of update_rows' folded merge (raw float32 pointers)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -78,3 +78,21 @@ def update_rows(p: Tensor, m: Tensor, v: Tensor, coefficients: Tensor, grads: Te
 
     split_columns(part, q)
     return True
+
+
+def merge_rows(base: Tensor, alpha: Tensor, rows: Tensor, out: Tensor) -> bool:
+    """out = base + alpha @ rows (rows [n, q], base and out [q], float32 on the CPU) with the same
+    arithmetic as the merge `update_rows` folds into an update, so the two agree bit for bit.
+    Returns False, touching nothing, when the kernel cannot take these tensors."""
+    if not available() or rows.dim() != 2:
+        return False
+    n, q = rows.shape
+    if not (all(_fits(t) for t in (base, alpha, rows, out)) and base.numel() == q and out.numel() == q
+            and alpha.numel() == n):
+        return False
+
+    def part(lo: int, hi: int) -> None:
+        _adamw_kernel.merge_rows(rows.data_ptr(), n, q, lo, hi, alpha.data_ptr(), base.data_ptr(), out.data_ptr())
+
+    split_columns(part, q)
+    return True

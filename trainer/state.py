@@ -21,6 +21,7 @@ from soe_sdk.errors import SoeError
 from soe_sdk.model import next_token_loss
 from soe_sdk.soup import ROUTER_NAMES, add_combination, init_soup, iter_init_soup, router_forward
 
+from . import fused_adamw
 from .layout import SoupLayout
 from .optim import ExpertGrad, FlatAdamW
 
@@ -169,7 +170,12 @@ class SoupState:
         """This state's slice of Θ; differentiable (in F and α) only in its low-rank prefix."""
         if self.n == 0:
             return self.shared.clone()
-        dense = add_combination(self.shared[self.e0:], alpha.detach(), self.experts)
+        base, coefficients = self.shared[self.e0:], alpha.detach()
+        dense = torch.empty_like(base)
+        # the kernel's merge where it applies: it equals the merge the last update folded in, so a
+        # resumed run (whose first step cannot have one) continues bit for bit
+        if not fused_adamw.merge_rows(base, coefficients, self.experts, dense):
+            dense = add_combination(base, coefficients, self.experts)
         if self.factors is None:
             return dense
         return torch.cat([self.layout.lowrank_theta(self.shared, self.factors, alpha), dense])
