@@ -96,6 +96,56 @@ CLONES static void update_span(float *restrict p, float *restrict m, float *rest
     }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#include <immintrin.h>
+#define HAVE_AVX512_BF16_SPAN 1
+
+/* narrow() on 16 lanes: round to nearest even, a NaN keeps its top bits and becomes quiet. */
+__attribute__((target("avx512f,avx512bw"))) static inline __m256i narrow16(__m512 f) {
+    const __m512i u = _mm512_castps_si512(f);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
+                                                  _mm512_set1_epi32(0x7F800000));
+    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet));
+}
+
+__attribute__((target("avx512f,avx512bw"))) static inline __m512 widen16(const uint16_t *b) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)b)), 16));
+}
+
+/* update_span_bf16 on 16 lanes at a time, the same operations in the same order (no FMA: see above). */
+__attribute__((target("avx512f,avx512bw"))) static void update_span_bf16_avx512(
+        float *restrict p, uint16_t *restrict m, uint16_t *restrict v, const float *restrict g, float gscale,
+        Py_ssize_t len, float decay, const Hyper *hp, float next_alpha, float *restrict out) {
+    const __m512 c1 = _mm512_set1_ps(1.0f - hp->b1), b2 = _mm512_set1_ps(hp->b2), c2 = _mm512_set1_ps(1.0f - hp->b2);
+    const __m512 step = _mm512_set1_ps(hp->step_size), inv = _mm512_set1_ps(hp->inv_bc2_sqrt);
+    const __m512 eps = _mm512_set1_ps(hp->eps), dec = _mm512_set1_ps(decay), gs = _mm512_set1_ps(gscale);
+    const __m512 next = _mm512_set1_ps(next_alpha);
+    Py_ssize_t i = 0;
+    for (; i + 16 <= len; i += 16) {
+        const __m512 gi = _mm512_mul_ps(gs, _mm512_loadu_ps(g + i)), m0 = widen16(m + i);
+        const __m512 mi = _mm512_add_ps(m0, _mm512_mul_ps(c1, _mm512_sub_ps(gi, m0)));
+        const __m512 vi = _mm512_add_ps(_mm512_mul_ps(b2, widen16(v + i)), _mm512_mul_ps(_mm512_mul_ps(c2, gi), gi));
+        const __m512 den = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vi), inv), eps);
+        const __m512 pi = _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(p + i), dec),
+                                        _mm512_div_ps(_mm512_mul_ps(step, mi), den));
+        _mm256_storeu_si256((__m256i *)(m + i), narrow16(mi));
+        _mm256_storeu_si256((__m256i *)(v + i), narrow16(vi));
+        _mm512_storeu_ps(p + i, pi);
+        if (out) _mm512_storeu_ps(out + i, _mm512_add_ps(_mm512_loadu_ps(out + i), _mm512_mul_ps(next, pi)));
+    }
+    for (; i < len; i++) { /* the tail, in scalar code with the same arithmetic */
+        const float gi = gscale * g[i], m0 = widen(m[i]), mi = m0 + (1.0f - hp->b1) * (gi - m0);
+        const float vi = hp->b2 * widen(v[i]) + (1.0f - hp->b2) * gi * gi;
+        const float pi = p[i] * decay - hp->step_size * mi / (sqrtf(vi) * hp->inv_bc2_sqrt + hp->eps);
+        m[i] = narrow(mi), v[i] = narrow(vi), p[i] = pi;
+        if (out) out[i] += next_alpha * pi;
+    }
+}
+#endif
+
 /* The same update with bfloat16 moments (two loops, as above: a branch inside would stop vectorisation). */
 CLONES static void update_span_bf16(float *restrict p, uint16_t *restrict m, uint16_t *restrict v,
                                     const float *restrict g, float gscale, Py_ssize_t len, float decay,
@@ -169,6 +219,11 @@ static PyObject *update_rows(PyObject *self, PyObject *args) {
     const float *next_alpha = (const float *)(uintptr_t)next_p, *base = (const float *)(uintptr_t)base_p;
     float *out = (float *)(uintptr_t)out_p; /* NULL unless the next merge is folded in */
     const Hyper hp = {b1, b2, step_size, inv_bc2_sqrt, eps};
+#ifdef HAVE_AVX512_BF16_SPAN
+    const int use_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+#else
+    const int use_avx512 = 0;
+#endif
     float *grad = PyMem_RawMalloc(BLOCK * sizeof(float));
     if (grad == NULL) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
@@ -188,7 +243,10 @@ static PyObject *update_rows(PyObject *self, PyObject *args) {
                 const Py_ssize_t from = part ? decayed : 0, span = part ? len - decayed : decayed;
                 const size_t k = at + (size_t)from;
                 float *o = out ? out + c0 + from : NULL;
-                if (bf16_moments)
+                if (bf16_moments && use_avx512)
+                    update_span_bf16_avx512(p + k, (uint16_t *)(m + item * k), (uint16_t *)(v + item * k),
+                                            row_g + from, gscale, span, part ? 1.0f : decay, &hp, next, o);
+                else if (bf16_moments)
                     update_span_bf16(p + k, (uint16_t *)(m + item * k), (uint16_t *)(v + item * k), row_g + from,
                                      gscale, span, part ? 1.0f : decay, &hp, next, o);
                 else
