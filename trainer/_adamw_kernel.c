@@ -96,6 +96,30 @@ CLONES static void update_span(float *restrict p, float *restrict m, float *rest
     }
 }
 
+
+/* The same update with bfloat16 moments (two loops, as above: a branch inside would stop vectorisation). */
+CLONES static void update_span_bf16(float *restrict p, uint16_t *restrict m, uint16_t *restrict v,
+                                    const float *restrict g, float gscale, Py_ssize_t len, float decay,
+                                    const Hyper *hp, float next_alpha, float *restrict out) {
+    const float c1 = 1.0f - hp->b1, b2 = hp->b2, c2 = 1.0f - hp->b2;
+    const float step_size = hp->step_size, inv = hp->inv_bc2_sqrt, eps = hp->eps;
+#define UPDATE_BF16(i)                                                                                            \
+    const float gi = gscale * g[i], m0 = widen(m[i]), mi = m0 + c1 * (gi - m0), vi = b2 * widen(v[i]) + c2 * gi * gi;     \
+    const float pi = p[i] * decay - step_size * mi / (sqrtf(vi) * inv + eps);                                    \
+    m[i] = narrow(mi), v[i] = narrow(vi), p[i] = pi
+    if (out) {
+        for (Py_ssize_t i = 0; i < len; i++) {
+            UPDATE_BF16(i);
+            out[i] += next_alpha * pi;
+        }
+    } else {
+        for (Py_ssize_t i = 0; i < len; i++) {
+            UPDATE_BF16(i);
+        }
+    }
+#undef UPDATE_BF16
+}
+
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #include <immintrin.h>
 #define HAVE_AVX512_BF16_SPAN 1
@@ -136,38 +160,10 @@ __attribute__((target("avx512f,avx512bw"))) static void update_span_bf16_avx512(
         _mm512_storeu_ps(p + i, pi);
         if (out) _mm512_storeu_ps(out + i, _mm512_add_ps(_mm512_loadu_ps(out + i), _mm512_mul_ps(next, pi)));
     }
-    for (; i < len; i++) { /* the tail, in scalar code with the same arithmetic */
-        const float gi = gscale * g[i], m0 = widen(m[i]), mi = m0 + (1.0f - hp->b1) * (gi - m0);
-        const float vi = hp->b2 * widen(v[i]) + (1.0f - hp->b2) * gi * gi;
-        const float pi = p[i] * decay - hp->step_size * mi / (sqrtf(vi) * hp->inv_bc2_sqrt + hp->eps);
-        m[i] = narrow(mi), v[i] = narrow(vi), p[i] = pi;
-        if (out) out[i] += next_alpha * pi;
-    }
+    if (i < len) /* the tail: the scalar loop, the same arithmetic */
+        update_span_bf16(p + i, m + i, v + i, g + i, gscale, len - i, decay, hp, next_alpha, out ? out + i : NULL);
 }
 #endif
-
-/* The same update with bfloat16 moments (two loops, as above: a branch inside would stop vectorisation). */
-CLONES static void update_span_bf16(float *restrict p, uint16_t *restrict m, uint16_t *restrict v,
-                                    const float *restrict g, float gscale, Py_ssize_t len, float decay,
-                                    const Hyper *hp, float next_alpha, float *restrict out) {
-    const float c1 = 1.0f - hp->b1, b2 = hp->b2, c2 = 1.0f - hp->b2;
-    const float step_size = hp->step_size, inv = hp->inv_bc2_sqrt, eps = hp->eps;
-#define UPDATE_BF16(i)                                                                                            \
-    const float gi = gscale * g[i], m0 = widen(m[i]), mi = m0 + c1 * (gi - m0), vi = b2 * widen(v[i]) + c2 * gi * gi;     \
-    const float pi = p[i] * decay - step_size * mi / (sqrtf(vi) * inv + eps);                                    \
-    m[i] = narrow(mi), v[i] = narrow(vi), p[i] = pi
-    if (out) {
-        for (Py_ssize_t i = 0; i < len; i++) {
-            UPDATE_BF16(i);
-            out[i] += next_alpha * pi;
-        }
-    } else {
-        for (Py_ssize_t i = 0; i < len; i++) {
-            UPDATE_BF16(i);
-        }
-    }
-#undef UPDATE_BF16
-}
 
 /* out[0, len) += a * row[i]: the folded merge's arithmetic, so a merge made here equals one folded into an update. */
 CLONES static void accumulate_span(float *restrict out, const float *restrict row, float a, Py_ssize_t len) {
