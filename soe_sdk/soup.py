@@ -601,7 +601,8 @@ class Soup:
                     rows = flat_s = None  # more rows than the scratch buffer holds: the blocked path
                 else:
                     read = flat_s.numel() * flat_s.element_size() + rows.numel() * rows.element_size()
-        # one block of rows into float32: the kernel, which widens 16-bit rows as it reads them
+        # 16-bit rows: the kernel, which widens them as it reads; float32 rows go to torch's (multi-threaded)
+        # GEMM, faster here than the kernel when other threads are still spinning (benchmarks/README.md)
         combine = fused.bind(flat_s, rows) if rows is not None and not same and dtype == torch.float32 else None
         return _ParameterPlan(name, torch.Size(shape), inputs, read, rows, flat_s, same, combine)
 
