@@ -9,9 +9,9 @@ specialist sets and how many of them the run wins. For soup runs whose log has t
 (`soe-train` writes them since 2026-11-24) it adds "specialisation": the gain of each set's own
 α = φ(h_set) over the generic α = φ(h_generic) on that set, same soup and step, and the spread
 ‖φ(h_set) − φ(h_generic)‖. A run named `crisp-<set>` (a plain model trained on one set's
-mixture) is also scored on its own set ("own set"). One JSON line per (run, step), then a table. This is how the probe
-tables of benchmarks/results/README.md were made (the probes' evaluation records are kept in
-benchmarks/results/probes/).
+mixture) is also scored on its own set ("own set"). One JSON line per (run, step), then a
+table. This is how the probe tables of benchmarks/results/README.md were made (the probes'
+evaluation records are kept in benchmarks/results/probes/).
 """
 from __future__ import annotations
 

@@ -26,6 +26,7 @@
 #include <string.h>
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#include <immintrin.h>
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define CLONES
@@ -96,7 +97,6 @@ CLONES static void update_span(float *restrict p, float *restrict m, float *rest
     }
 }
 
-
 /* The same update with bfloat16 moments (two loops, as above: a branch inside would stop vectorisation). */
 CLONES static void update_span_bf16(float *restrict p, uint16_t *restrict m, uint16_t *restrict v,
                                     const float *restrict g, float gscale, Py_ssize_t len, float decay,
@@ -121,7 +121,6 @@ CLONES static void update_span_bf16(float *restrict p, uint16_t *restrict m, uin
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#include <immintrin.h>
 #define HAVE_AVX512_BF16_SPAN 1
 
 /* narrow() on 16 lanes: round to nearest even, a NaN keeps its top bits and becomes quiet. */

@@ -171,10 +171,10 @@ class SoupState:
         if self.n == 0:
             return self.shared.clone()
         base, coefficients = self.shared[self.e0:], alpha.detach()
-        dense = torch.empty_like(base)
         # the kernel's merge where it applies: it equals the merge the last update folded in, so a
         # resumed run (whose first step cannot have one) continues bit for bit
-        if not fused_adamw.merge_rows(base, coefficients, self.experts, dense):
+        dense = torch.empty_like(base) if base.device.type == "cpu" else None
+        if dense is None or not fused_adamw.merge_rows(base, coefficients, self.experts, dense):
             dense = add_combination(base, coefficients, self.experts)
         if self.factors is None:
             return dense
