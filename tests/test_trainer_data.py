@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from soe_sdk.errors import SoeError
 from trainer.corpus import corpus_files, iter_documents
-from trainer.sampling import meta_distribution, neighbourhoods, sample_batch, sample_batch_with_domains, usable_domains
+from trainer.sampling import (group_mixture, meta_distribution, neighbourhoods, sample_batch, sample_batch_with_domains,
+                              usable_domains)
 from trainer.shards import DomainShards, token_dtype, write_domain_shards, write_token_file
 from trainer.tokenizer import EOT, EOT_ID, load_tokenizer, train_tokenizer
 
@@ -401,6 +402,30 @@ def test_neighbourhood_draws_stay_among_similar_domains():
     with pytest.raises(SoeError, match="only 1 usable neighbours"):
         for _ in range(200):
             meta_distribution(8, 3, rng, usable=usable, neighbours=near)
+
+
+def test_group_draws_come_from_whole_groups_in_the_corpus_proportions():
+    rng = np.random.default_rng(3)
+    groups = np.array([0, 0, 1, 1, 1, 2, 2, 3])
+    weights = np.array([0.3, 0.1, 0.2, 0.1, 0.1, 0.1, 0.1, 0.0])  # group masses 0.4, 0.4, 0.2, 0
+    usable = np.ones(8, dtype=bool)
+    usable[4] = False
+    picked = np.zeros(4, dtype=int)
+    for _ in range(3000):
+        h = group_mixture(groups, weights, 1, rng, usable=usable)
+        assert h.sum() == pytest.approx(1.0, abs=1e-12) and h[4] == 0.0 and h[7] == 0.0
+        (group,) = set(groups[h > 0])
+        picked[group] += 1
+        inside = np.where((groups == group) & usable, weights, 0.0)
+        np.testing.assert_allclose(h, inside / inside.sum(), rtol=1e-12)  # the corpus's own proportions
+    masses = np.array([0.4, 0.3, 0.2, 0.0]) / 0.9  # domain 4 is unusable: its mass is not drawn
+    assert picked[3] == 0
+    np.testing.assert_allclose(picked / 3000, masses, atol=0.03)
+    h = group_mixture(groups, weights, 2, rng)
+    mass = np.bincount(groups, weights=h, minlength=4)
+    assert np.count_nonzero(mass) == 2 and mass.sum() == pytest.approx(1.0)
+    with pytest.raises(SoeError, match="support size s=4"):
+        group_mixture(groups, weights, 4, rng)
 
 
 # ------------------------------------------------------------------ the prepare pipeline

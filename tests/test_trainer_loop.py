@@ -64,7 +64,8 @@ def test_neighbourhood_meta_distribution_trains_and_is_recorded(tmp_path: Path) 
     from trainer.pack import pack
     pack(work, tmp_path / "n.soe")
     dist = soe_sdk.load(tmp_path / "n.soe").metadata["provenance"]["meta_distribution"]
-    assert dist == {"kind": "support", "s": 2, "choice": "neighbours", "neighbour_share": 1.0}
+    assert dist == {"kind": "support", "s": 2, "choice": "neighbours", "neighbour_share": 1.0, "generic_share": 0.0,
+                    "domain_groups": None}
     with pytest.raises(SoeError, match="neighbour_share"):  # resuming with another π is refused
         train(work, preset.replace(max_steps=8, neighbour_share=0.5), progress=False)
 
@@ -289,6 +290,33 @@ def test_centroid_router_and_shared_preconditioner_train_and_pack(tmp_path: Path
     with pytest.raises(SoeError, match="expert_preconditioner"):
         train(work, preset.replace(max_steps=10, expert_preconditioner="own", centre_expert_gradients=False),
               progress=False)
+
+
+def test_group_router_and_group_draws_train_and_pack(tmp_path: Path) -> None:
+    """One expert per group of domains, α = h's mass on each group, batches from one group (or
+    h_generic): the packed φ is that map, π's groups and share are in the provenance, and a
+    resume with another generic share is refused."""
+    from trainer.pack import pack
+    from trainer.router_init import domain_groups
+    from trainer.shards import DomainShards
+
+    work = make_workdir(tmp_path / "work")  # k = 4 domains
+    preset = TINY.replace(max_steps=8, experts=2, router_hidden=4, router_init="groups", router_freeze_at=0.0,
+                          support_choice="groups", support_size=1, generic_share=0.5,
+                          expert_preconditioner="shared", centre_expert_gradients=True, expert_init_scale=0.0)
+    run_dir = train(work, preset, progress=False)
+    losses = _losses(run_dir)
+    assert len(losses) == 8 and losses[8] < losses[1]
+    groups = domain_groups(np.load(work / "centroids.npy"), 2)
+    pack(work, tmp_path / "groups.soe")
+    soup = soe_sdk.load(tmp_path / "groups.soe")
+    dist = soup.metadata["provenance"]["meta_distribution"]
+    assert dist["choice"] == "groups" and dist["generic_share"] == 0.5 and dist["domain_groups"] == groups.tolist()
+    for h in (np.array([0.4, 0.3, 0.2, 0.1]), DomainShards.open(work).h_generic):
+        torch.testing.assert_close(soup.coefficients(h), torch.as_tensor(np.bincount(groups, weights=h, minlength=2),
+                                                                         dtype=torch.float32), rtol=1e-4, atol=1e-5)
+    with pytest.raises(SoeError, match="generic_share"):
+        train(work, preset.replace(max_steps=10, generic_share=0.0), progress=False)
 
 
 def test_expert_start_at_keeps_the_experts_still_until_then(tmp_path: Path) -> None:

@@ -157,6 +157,30 @@ def test_centroid_router_is_linear_in_h_and_zero_at_the_generic_mixture() -> Non
         linear_router(features, hidden=7)
 
 
+def test_group_router_gives_each_group_the_mass_h_puts_on_it() -> None:
+    import numpy as np
+
+    from soe_sdk.soup import router_forward
+    from trainer.router_init import domain_groups, group_features, linear_router
+
+    rng = np.random.default_rng(4)
+    # three well-separated families of centroids: k-means into 3 groups finds them
+    family = np.repeat(np.arange(3), [3, 4, 2])
+    centroids = np.eye(3)[family] * 10 + 0.1 * rng.standard_normal((9, 3))
+    groups = domain_groups(centroids.astype(np.float32), 3)
+    assert all(len(set(groups[family == f])) == 1 for f in range(3)) and len(set(groups)) == 3
+    features = group_features(groups, 3)
+    hs = rng.dirichlet(np.ones(9), size=6)
+    alpha = router_forward(linear_router(features, hidden=6), torch.as_tensor(hs, dtype=torch.float32))
+    expected = np.stack([np.bincount(groups, weights=h, minlength=3) for h in hs])
+    torch.testing.assert_close(alpha, torch.as_tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-5)
+    import pytest
+
+    from soe_sdk.errors import SoeError
+    with pytest.raises(SoeError, match="10 groups"):
+        domain_groups(centroids.astype(np.float32), 10)
+
+
 def test_centred_expert_gradients_drop_the_running_mean_gradient() -> None:
     """With centred gradients an expert learns Σ_m α_mj (g_m − m̂/M): a gradient that every micro-batch
     shares (here: the same g twice, and a step that repeats S's mean) moves no expert, whatever α is."""

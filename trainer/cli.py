@@ -101,8 +101,9 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
 @click.option("--router-input-scale", type=float,
               help="Train φ on c·h (overrides the preset; pack folds c into φ's first layer).")
 @click.option("--expert-init-scale", type=float, help="× the dense experts' initial values (0: start at Θ = S).")
-@click.option("--router-init", type=click.Choice(["random", "centroids"]),
-              help="φ's initialisation: random, or the linear map α = F h from the centroids' principal axes.")
+@click.option("--router-init", type=click.Choice(["random", "centroids", "groups"]),
+              help="φ's initialisation: random, the linear map α = F h from the centroids' principal axes, or "
+                   "α_j = h's mass on group j of the domains (one group per expert).")
 @click.option("--router-init-scale", type=float, help="With --router-init centroids: RMS ‖α‖ of a single domain.")
 @click.option("--expert-preconditioner", type=click.Choice(["own", "shared"]),
               help="Experts' Adam second moment: their own, or S's (updates then scale with α).")
@@ -115,10 +116,12 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
 @click.option("--batch-size", type=int, help="Sequences per micro-batch (overrides the preset).")
 @click.option("--grad-accum", type=int, help="Micro-batches, each with its own h, per optimizer step.")
 @click.option("--support-size", type=int, help="s: domains per draw of the meta-distribution.")
-@click.option("--support-choice", type=click.Choice(["uniform", "natural", "neighbours"]),
-              help="How π picks its s domains: uniformly, in proportion to h_generic, or as neighbourhoods "
-                   "(an anchor domain and s − 1 of its 2s nearest) for --neighbour-share of the draws.")
+@click.option("--support-choice", type=click.Choice(["uniform", "natural", "neighbours", "groups"]),
+              help="How π picks its s domains: uniformly, in proportion to h_generic, as neighbourhoods "
+                   "(an anchor domain and s − 1 of its 2s nearest) for --neighbour-share of the draws, or as "
+                   "s groups of related domains (one group per expert) in proportion to their mass.")
 @click.option("--neighbour-share", type=float, help="With --support-choice neighbours: share of neighbourhood draws.")
+@click.option("--generic-share", type=float, help="Share of π's draws that are h_generic itself.")
 @click.option("--threads", type=int, help="torch CPU threads.")
 def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | None, max_steps: int | None,
           stop_after: int | None, seed: int, checkpoint_every: int | None, sharding: str, baseline: str | None,
@@ -134,7 +137,7 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
           centre_alpha: bool | None,
           batch_size: int | None,
           grad_accum: int | None, support_size: int | None, support_choice: str | None,
-          neighbour_share: float | None, threads: int | None) -> None:
+          neighbour_share: float | None, generic_share: float | None, threads: int | None) -> None:
     """Train (or resume) a soup or a baseline; resumes from WORKDIR/runs/RUN's last checkpoint."""
     import torch
 
@@ -156,7 +159,7 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
                                    "centre_expert_gradients": centre_expert_gradients, "batch_size": batch_size,
                                    "grad_accum": grad_accum,
                                    "support_size": support_size, "support_choice": support_choice,
-                                   "neighbour_share": neighbour_share,
+                                   "neighbour_share": neighbour_share, "generic_share": generic_share,
                                    "expert_rank": expert_rank}.items() if v is not None}
     if lr is not None:
         overrides["baseline_lr"] = lr

@@ -33,7 +33,7 @@ from .evaluate import load_eval_sets, windows_loss
 from .layout import SoupLayout
 from .optim import ExpertGrad, lr_at
 from .presets import Preset
-from .sampling import meta_distribution, neighbourhoods, sample_batch, usable_domains
+from .sampling import group_mixture, meta_distribution, neighbourhoods, sample_batch, usable_domains
 from .shards import DomainShards
 from .state import SoupState
 
@@ -118,8 +118,9 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                             router_lr_scale=preset.router_lr_scale, router_input_scale=preset.router_input_scale,
                             centre_alpha=preset.centre_alpha, expert_preconditioner=preset.expert_preconditioner,
                             centre_gradients=preset.centre_expert_gradients, expert_moments=preset.expert_moments)
+    groups = _domain_groups(preset, workdir) if "groups" in (preset.router_init, preset.support_choice) else None
     if n and preset.router_init != "random":
-        state.set_router(_initial_router(preset, workdir, shards, n))
+        state.set_router(_initial_router(preset, workdir, shards, n, groups))
 
     peak_lr = preset.lr if n or preset.baseline_lr is None else preset.baseline_lr
     start = 0
@@ -133,6 +134,8 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
     run_meta = {"run": spec.name, "preset": preset.name, "soup_config": config.to_dict(), "seed": seed,
                 "max_steps": total_steps, "support_size": preset.support_size,
                 "support_choice": preset.support_choice, "neighbour_share": preset.neighbour_share,
+                "generic_share": preset.generic_share,
+                "domain_groups": None if groups is None else groups.tolist(),
                 "fixed_h": spec.fixed_h is not None,
                 "batch_size": preset.batch_size, "grad_accum": preset.grad_accum, "seq_len": preset.model.max_seq_len,
                 "world": ctx.world, "sharding": sharding if bank else "ddp", "lr": peak_lr,
@@ -155,7 +158,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
     micro_total = preset.grad_accum * (1 if bank else ctx.world)
     seq = preset.model.max_seq_len
     usable = usable_domains(shards, seq)
-    draw_h = _meta_sampler(preset, shards, workdir, usable)
+    draw_h = _meta_sampler(preset, shards, workdir, usable, groups)
     h_of = (lambda rng: np.asarray(spec.fixed_h)) if spec.fixed_h is not None else draw_h  # the micro-batch's h
     if not 0.0 <= preset.router_freeze_at <= 1.0:
         raise SoeError(f"--router-freeze-at {preset.router_freeze_at}: must be a fraction between 0 and 1")
@@ -236,10 +239,35 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
     return run_dir
 
 
-def _meta_sampler(preset: Preset, shards: DomainShards, workdir: Path,
-                  usable: np.ndarray) -> Callable[[np.random.Generator], np.ndarray]:
-    """h ~ π as the preset's support choice defines it (a function of the micro-batch's rng)."""
+def _domain_groups(preset: Preset, workdir: Path) -> np.ndarray:
+    """Each domain's group (one per expert), for --router-init groups and --support-choice groups."""
+    from .router_init import domain_groups
+    if preset.experts < 1:
+        raise SoeError("--router-init groups / --support-choice groups need at least one expert (one group each)")
+    return domain_groups(np.load(workdir / "centroids.npy"), preset.experts)
+
+
+def _meta_sampler(preset: Preset, shards: DomainShards, workdir: Path, usable: np.ndarray,
+                  groups: np.ndarray | None) -> Callable[[np.random.Generator], np.ndarray]:
+    """h ~ π as the preset's support choice defines it (a function of the micro-batch's rng); with
+    generic_share > 0, that share of the draws is h_generic itself."""
+    share = preset.generic_share
+    if not 0.0 <= share <= 1.0:
+        raise SoeError(f"--generic-share {share}: must be between 0 and 1")
+    draw = _support_sampler(preset, shards, workdir, usable, groups)
+    if share == 0.0:  # no extra draw from the rng: runs without the option keep their data stream
+        return draw
+    generic = np.where(usable, shards.h_generic, 0.0)
+    generic = generic / generic.sum()
+    return lambda rng: generic if rng.random() < share else draw(rng)
+
+
+def _support_sampler(preset: Preset, shards: DomainShards, workdir: Path, usable: np.ndarray,
+                     groups: np.ndarray | None) -> Callable[[np.random.Generator], np.ndarray]:
     k, s, choice = shards.k, preset.support_size, preset.support_choice
+    if choice == "groups":
+        assert groups is not None
+        return lambda rng: group_mixture(groups, shards.h_generic, s, rng, usable=usable)
     if choice == "uniform":
         return lambda rng: meta_distribution(k, s, rng, usable=usable)
     if choice == "natural":
@@ -251,14 +279,19 @@ def _meta_sampler(preset: Preset, shards: DomainShards, workdir: Path,
         share = preset.neighbour_share
         return lambda rng: (meta_distribution(k, s, rng, usable=usable, neighbours=near) if rng.random() < share
                             else meta_distribution(k, s, rng, usable=usable))
-    raise SoeError(f"--support-choice {choice!r}: use uniform, natural or neighbours")
+    raise SoeError(f"--support-choice {choice!r}: use uniform, natural, neighbours or groups")
 
 
-def _initial_router(preset: Preset, workdir: Path, shards: DomainShards, n: int) -> dict[str, torch.Tensor]:
-    if preset.router_init != "centroids":
-        raise SoeError(f"--router-init {preset.router_init!r}: use random or centroids")
-    from .router_init import centroid_features, linear_router
-    features = centroid_features(np.load(workdir / "centroids.npy"), shards.h_generic, n, preset.router_init_scale)
+def _initial_router(preset: Preset, workdir: Path, shards: DomainShards, n: int,
+                    groups: np.ndarray | None) -> dict[str, torch.Tensor]:
+    from .router_init import centroid_features, group_features, linear_router
+    if preset.router_init == "centroids":
+        features = centroid_features(np.load(workdir / "centroids.npy"), shards.h_generic, n, preset.router_init_scale)
+    elif preset.router_init == "groups":
+        assert groups is not None
+        features = group_features(groups, n, preset.router_init_scale)
+    else:
+        raise SoeError(f"--router-init {preset.router_init!r}: use random, centroids or groups")
     # training feeds φ with c·h (router_input_scale); divide so that the trained map is still F h
     return linear_router(features / preset.router_input_scale, preset.router_hidden)
 
@@ -288,6 +321,7 @@ def _check_same_run(saved: dict[str, Any], config: SoupConfig, sharding: str, wo
                        "use another run name or delete the run folder")
     run = saved.get("run", {})
     checked = [("router_input_scale", 1.0), ("centre_alpha", False), ("support_choice", "uniform"),
+               ("generic_share", 0.0),
                ("expert_preconditioner", "own"), ("centre_expert_gradients", False), ("expert_moments", "float32")]
     if preset.support_choice == "neighbours":
         checked.append(("neighbour_share", 0.5))

@@ -63,7 +63,9 @@ def pack(workdir: str | Path, out: str | Path, run: str = "soup") -> str:
                   "meta_distribution": None if run_meta.get("fixed_h") else
                   {"kind": "support", "s": run_meta.get("support_size"),
                    "choice": run_meta.get("support_choice", "uniform"),
-                   "neighbour_share": run_meta.get("neighbour_share")},
+                   "neighbour_share": run_meta.get("neighbour_share"),
+                   "generic_share": run_meta.get("generic_share", 0.0),
+                   "domain_groups": run_meta.get("domain_groups")},
                   "fixed_h": bool(run_meta.get("fixed_h")), "clusters": prep.get("clusters"),
                   "optimizer": {key: run_meta.get(key) for key in TRAINING_SETTINGS}}
     final_eval = _last_eval(run_dir / "metrics.jsonl")

@@ -28,7 +28,9 @@ class Preset:
     support_size: int = 4  # s of the meta-distribution π
     support_choice: str = "uniform"  # how π picks its s domains: "uniform", "natural" (∝ h_generic) or
     # "neighbours" (an anchor and s − 1 of its 2s nearest domains, for a share of the draws)
+    # "groups" (s of n groups of related domains, one group per expert, ∝ their mass in h_generic)
     neighbour_share: float = 0.5  # with "neighbours": the share of draws that are neighbourhoods (the rest uniform)
+    generic_share: float = 0.0  # share of the draws that are h_generic itself (any support choice)
     # optimisation
     batch_size: int = 16  # sequences per micro-batch (one h per micro-batch)
     grad_accum: int = 1  # micro-batches (each with its own h) per optimizer step
@@ -46,8 +48,8 @@ class Preset:
     router_input_scale: float = 1.0  # φ is trained on c·h (c = k: a uniform h gives unit inputs, so
     # α reacts to h from step 0); `soe-train pack` folds c into fc1, the archive holds the plain φ(h)
     expert_init_scale: float = 1.0  # × the dense experts' initial N(0, 0.02/√n) values (0: Θ = S at step 0)
-    router_init: str = "random"  # "random" or "centroids": φ starts as α = F h, F from the centroids'
-    # principal axes (trainer/router_init.py), so similar mixtures share expert updates
+    router_init: str = "random"  # "random", "centroids" or "groups": φ starts as α = F h, F from the centroids'
+    # principal axes, or F = each domain's group (trainer/router_init.py), so similar mixtures share expert updates
     router_init_scale: float = 1.0  # with "centroids": RMS of ‖α‖ over single domains (weighted by the corpus)
     expert_moments: str = "float32"  # dtype of the expert bank's Adam moments: "float32" or "bfloat16"
     # (updated in float32, stored rounded to nearest: a third fewer bytes in the update's pass over

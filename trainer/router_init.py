@@ -7,6 +7,10 @@ directions of the centroids: mixtures whose documents read alike get similar α,
 updates α_j ⊗ ∇Θ are shared between them. F is scaled so that the corpus-weighted mean of
 ‖F e_i‖² is `scale`², and α(h_generic) = 0, so the generic mixture instantiates S itself.
 
+`domain_groups` / `group_features` give the other linear router: the k domains clustered into n
+groups by their centroids, and α_j = the mass h puts on group j. Each expert is then the delta of
+one group of related domains, trained on batches drawn from that group (`--support-choice groups`).
+
 An MLP with GELU represents a linear map exactly: GELU(x) − GELU(−x) = x.
 """
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from soe_sdk.domains import kmeans, nearest_centroids
 from soe_sdk.errors import SoeError
 
 
@@ -34,6 +39,33 @@ def centroid_features(centroids: np.ndarray, h_generic: np.ndarray, n: int, scal
     if norm <= 0:
         raise SoeError("--router-init centroids: the centroids are all equal; nothing to build α from")
     return features * (scale / norm)
+
+
+def domain_groups(centroids: np.ndarray, n: int, restarts: int = 8) -> np.ndarray:
+    """int64 [k]: each domain's group, by k-means of the k centroids into n groups.
+
+    The best of `restarts` seeded k-means runs (least within-group squared distance): with only k
+    points, one run often settles in a poor local optimum. Deterministic.
+    """
+    c = np.asarray(centroids, dtype=np.float32)
+    if not 1 <= n <= c.shape[0]:
+        raise SoeError(f"domain groups: {n} groups need between 1 and k = {c.shape[0]} domains")
+    best, best_cost = None, np.inf
+    for seed in range(restarts):
+        centres = kmeans(c, n, seed=seed)
+        groups = nearest_centroids(c, centres)
+        cost = float(((c - centres[groups]) ** 2).sum())
+        if cost < best_cost:
+            best, best_cost = groups, cost
+    assert best is not None, "restarts must be ≥ 1"
+    return best
+
+
+def group_features(groups: np.ndarray, n: int, scale: float = 1.0) -> np.ndarray:
+    """F [n, k] with F[j, i] = scale where domain i is in group j: α = F h is h's mass on each group."""
+    features = np.zeros((n, len(groups)), dtype=np.float64)
+    features[np.asarray(groups), np.arange(len(groups))] = scale
+    return features
 
 
 def linear_router(features: np.ndarray, hidden: int) -> dict[str, Tensor]:

@@ -85,6 +85,32 @@ def meta_distribution(k: int, s: int, rng: np.random.Generator, usable: np.ndarr
     return h
 
 
+def group_mixture(groups: np.ndarray, domain_weights: np.ndarray, s: int, rng: np.random.Generator,
+                  usable: np.ndarray | None = None) -> np.ndarray:
+    """One draw h ~ π over groups of domains (`groups`: int [k], each domain's group).
+
+    s distinct groups are chosen with probability proportional to their mass in `domain_weights`
+    (e.g. h_generic), given uniform random weights, and each group's weight is spread over its
+    usable domains as `domain_weights` spreads it: with s = 1 the batch comes from one group of
+    related domains, in the corpus's own proportions. Returns float64 [k] summing to 1.
+    """
+    groups = np.asarray(groups, dtype=np.int64)
+    w = np.asarray(domain_weights, dtype=np.float64)
+    k = len(groups)
+    if w.shape != (k,) or not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise SoeError(f"domain weights of π: expected {k} finite non-negative values")
+    if usable is not None:
+        w = np.where(np.asarray(usable, dtype=bool), w, 0.0)
+    mass = np.bincount(groups, weights=w, minlength=int(groups.max()) + 1)
+    if not 1 <= s <= np.count_nonzero(mass):
+        raise SoeError(f"support size s={s}: must be between 1 and the {np.count_nonzero(mass)} groups with weight")
+    chosen = rng.choice(len(mass), size=s, replace=False, p=mass / mass.sum())
+    weights = 1.0 - rng.random(s)
+    share = np.zeros(len(mass))
+    share[chosen] = weights / weights.sum()
+    return w * (share / np.where(mass > 0, mass, 1.0))[groups]
+
+
 def _choice_probabilities(domain_weights: np.ndarray | None, candidates: np.ndarray, k: int,
                           s: int) -> np.ndarray | None:
     if domain_weights is None:
