@@ -54,6 +54,8 @@ def synthetic_workdir(root: Path, vocab_size: int, tokens_per_domain: int, seed:
     index = {"k": DOMAINS, "dtype": dtype.name, "vocab_size": vocab_size, "counts": counts,
              "docs": [max(1, c // 500) for c in counts]}
     (folder / INDEX_FILE).write_text(json.dumps(index))
+    # random domain centroids, for presets whose router or π is built from them
+    np.save(root / "centroids.npy", rng.standard_normal((DOMAINS, 384)).astype(np.float32))
     return root
 
 

@@ -128,6 +128,41 @@ def test_shared_preconditioner_moves_each_expert_in_proportion_to_its_alpha() ->
     torch.testing.assert_close(own.params["E"][1] - experts[1], own.params["E"][0] - experts[0], rtol=1e-3, atol=1e-6)
 
 
+def test_expert_beta1_sets_how_long_an_expert_averages_its_gradient() -> None:
+    """Shared preconditioner with the experts' own β₁: the first step is α_j × S's step whatever β₁
+    (bias correction), and once the gradient turns round, an expert with β₁ = 0.99 still moves the old
+    way for far longer than S with 0.9."""
+    q = 16
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(q, generator=gen)
+    opt = FlatAdamW({"S": torch.zeros(q), "E": torch.zeros(1, q)}, {}, weight_decay=0.0,
+                    shared_moments={"E": ("S", 0)}, beta1_of={"E": 0.99})
+
+    def step(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        eg = ExpertGrad()
+        eg.add(torch.tensor([1.0]), grad)
+        before = (opt.params["S"].clone(), opt.params["E"][0].clone())
+        opt.step({"S": grad.clone(), "E": eg}, 1e-2)
+        return opt.params["S"] - before[0], opt.params["E"][0] - before[1]
+
+    s_step, e_step = step(g)
+    torch.testing.assert_close(e_step, s_step, rtol=1e-5, atol=1e-8)
+    for _ in range(20):
+        step(g)
+    for _ in range(10):  # the gradient reverses: S turns round within a few steps, the slow expert does not
+        s_step, e_step = step(-g)
+    assert float((e_step * g).sum()) < 0 < float((s_step * g).sum())  # a step against g: descending the old gradient
+    import pytest
+
+    from soe_sdk.config import ModelConfig, RouterConfig, SoupConfig
+    from soe_sdk.errors import SoeError
+    from trainer.state import SoupState
+    config = SoupConfig(ModelConfig(vocab_size=32, max_seq_len=8, d_model=8, n_layers=1, n_heads=2, d_mlp=16),
+                        RouterConfig(k=4, n=2, hidden=4))
+    with pytest.raises(SoeError, match="expert-beta1"):  # own moments: the kernel's β₁ is the preset's
+        SoupState.fresh(config, 0, torch.device("cpu"), expert_beta1=0.99)
+
+
 def test_centroid_router_is_linear_in_h_and_zero_at_the_generic_mixture() -> None:
     import numpy as np
 

@@ -117,7 +117,8 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                             expert_weight_decay_scale=preset.expert_weight_decay_scale,
                             router_lr_scale=preset.router_lr_scale, router_input_scale=preset.router_input_scale,
                             centre_alpha=preset.centre_alpha, expert_preconditioner=preset.expert_preconditioner,
-                            centre_gradients=preset.centre_expert_gradients, expert_moments=preset.expert_moments)
+                            centre_gradients=preset.centre_expert_gradients, expert_moments=preset.expert_moments,
+                            expert_beta1=preset.expert_beta1)
     groups = _domain_groups(preset, workdir) if "groups" in (preset.router_init, preset.support_choice) else None
     if n and preset.router_init != "random":
         state.set_router(_initial_router(preset, workdir, shards, n, groups))
@@ -147,7 +148,8 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                 "expert_init_scale": preset.expert_init_scale, "router_init": preset.router_init,
                 "router_init_scale": preset.router_init_scale,
                 "expert_preconditioner": preset.expert_preconditioner, "expert_moments": preset.expert_moments,
-                "centre_expert_gradients": preset.centre_expert_gradients, "storage_dtype": preset.storage_dtype,
+                "centre_expert_gradients": preset.centre_expert_gradients, "expert_beta1": preset.expert_beta1,
+                "storage_dtype": preset.storage_dtype,
                 "precision": "fp32" if autocast is None else "bf16"}
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -321,7 +323,7 @@ def _check_same_run(saved: dict[str, Any], config: SoupConfig, sharding: str, wo
                        "use another run name or delete the run folder")
     run = saved.get("run", {})
     checked = [("router_input_scale", 1.0), ("centre_alpha", False), ("support_choice", "uniform"),
-               ("generic_share", 0.0),
+               ("generic_share", 0.0), ("expert_beta1", None),
                ("expert_preconditioner", "own"), ("centre_expert_gradients", False), ("expert_moments", "float32")]
     if preset.support_choice == "neighbours":
         checked.append(("neighbour_share", 0.5))

@@ -119,6 +119,9 @@ class FlatAdamW:
     # moment): Σ_m α_mj (g_m − m̂) drops the running-mean gradient every micro-batch shares, which
     # α's sampling noise would otherwise spread over the experts with random signs
     centred_gradients: frozenset[str] = frozenset()
+    # β₁ of a shared-moment parameter's own momentum (betas[0] when absent): experts whose gradient is
+    # mostly batch noise average it over more steps (1 / (1 − β₁)) before it moves them
+    beta1_of: dict[str, float] = field(default_factory=dict)
     step_count: int = 0
     exp_avg: dict[str, Tensor] = field(default_factory=dict)
     exp_avg_sq: dict[str, Tensor] = field(default_factory=dict)
@@ -169,7 +172,7 @@ class FlatAdamW:
                 else:
                     if mean is not None:
                         row.sub_(mean, alpha=weights[j])
-                    self._update_shared(p[j], row, m[j], denom, end, lr_p, decay)
+                    self._update_shared(p[j], row, m[j], denom, end, lr_p, decay, self.beta1_of.get(name, self.betas[0]))
         return merged
 
     def _update(self, p: Tensor, grad: Tensor, m: Tensor, v: Tensor, end: int, lr: float, weight_decay: float,
@@ -207,8 +210,7 @@ class FlatAdamW:
         return mean, torch.stack(grad.alphas).mean(0).tolist()
 
     def _update_shared(self, p: Tensor, grad: Tensor, m: Tensor, denom: Tensor, end: int, lr: float,
-                       weight_decay: float) -> None:
-        b1 = self.betas[0]
+                       weight_decay: float, b1: float) -> None:
         with _widened(m, p.dtype) as m_w:
             m_w.lerp_(grad, 1 - b1)
             if end:

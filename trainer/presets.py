@@ -56,6 +56,7 @@ class Preset:
     # the bank, the soup's largest cost per step beyond the plain model's, and half the moments' memory)
     expert_preconditioner: str = "own"  # "own": Adam moments per expert; "shared": each expert's update is
     # its momentum over S's √v, so it moves in proportion to its α rather than at the full rate
+    expert_beta1: float | None = None  # with "shared": β₁ of the experts' own momentum (None: beta1)
     centre_expert_gradients: bool = False  # with "shared": experts learn from ∇Θ − (S's running mean of ∇Θ)
     centre_alpha: bool = False  # merge with α − ᾱ (ᾱ: running mean over π), so experts learn only what
     # varies with h and S the rest; pack folds ᾱ into φ's output bias

@@ -38,7 +38,7 @@ class SoupState:
                  expert_lr_scale: float = 1.0, router_lr_scale: float = 1.0, expert_weight_decay_scale: float = 1.0,
                  router_input_scale: float = 1.0, centre_alpha: bool = False,
                  expert_preconditioner: str = "own", centre_gradients: bool = False,
-                 expert_moments: str = "float32") -> None:
+                 expert_moments: str = "float32", expert_beta1: float | None = None) -> None:
         self.config, self.layout = config, layout
         self.router_input_scale = router_input_scale
         # Centring: Θ = S + Σ_j (α_j − ᾱ_j) E_j with ᾱ a running mean of α over the draws of π.
@@ -73,12 +73,15 @@ class SoupState:
         shared_moments = {"E": ("S", self.e0)} if expert_preconditioner == "shared" and self.n else {}
         if centre_gradients and not shared_moments:
             raise SoeError("--centre-expert-gradients needs --expert-preconditioner shared (it uses S's moments)")
+        if expert_beta1 is not None and not (shared_moments and 0.0 <= expert_beta1 < 1.0):
+            raise SoeError(f"--expert-beta1 {expert_beta1}: needs --expert-preconditioner shared and a value in [0, 1)")
         if expert_moments not in MOMENT_DTYPES:
             raise SoeError(f"--expert-moments {expert_moments!r}: use {' or '.join(MOMENT_DTYPES)}")
         self.optimizer = FlatAdamW(params, decay, betas=betas, weight_decay=weight_decay, lr_scale=scales,
                                    moment_dtype={"E": MOMENT_DTYPES[expert_moments]},
                                    decay_scale={"E": expert_weight_decay_scale, "F": expert_weight_decay_scale},
                                    shared_moments=shared_moments,
+                                   beta1_of={} if expert_beta1 is None else {"E": expert_beta1},
                                    centred_gradients=frozenset({"E"}) if centre_gradients else frozenset())
 
     @classmethod
