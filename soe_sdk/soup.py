@@ -363,12 +363,16 @@ def _batches(plan: Sequence[_ParameterPlan]) -> Iterator[list[_ParameterPlan]]:
 
 
 def _merge_bound(batch: Sequence[_ParameterPlan], a_keep: Tensor, pages: _MappedPages) -> list[Tensor]:
-    """Θ for parameters whose plans bound the fused kernel: one thread per parameter at a time.
+    """Θ for parameters whose plans bound the fused kernel: one thread per parameter at a time (a
+    parameter alone in its batch uses them all).
 
-    Each is a single block, too small to split by columns, so a model of many small tensors
+    Small parameters are each too small to split by columns, so a model of many small tensors
     would otherwise merge on one core."""
     outs = [torch.empty(p.rows.shape[1], dtype=torch.float32) for p in batch]
-    fused.combine_all([(p.combine, out) for p, out in zip(batch, outs)], a_keep)
+    if len(batch) == 1:  # alone (e.g. larger than the window): split by columns over every thread
+        batch[0].combine(a_keep, outs[0])
+    else:
+        fused.combine_all([(p.combine, out) for p, out in zip(batch, outs)], a_keep)
     for p in batch:
         pages.small(p.read_bytes)
     return [out.view(p.shape) for p, out in zip(batch, outs)]
@@ -601,9 +605,10 @@ class Soup:
                     rows = flat_s = None  # more rows than the scratch buffer holds: the blocked path
                 else:
                     read = flat_s.numel() * flat_s.element_size() + rows.numel() * rows.element_size()
-        # 16-bit rows: the kernel, which widens them as it reads; float32 rows go to torch's (multi-threaded)
-        # GEMM, faster here than the kernel when other threads are still spinning (benchmarks/README.md)
-        combine = fused.bind(flat_s, rows) if rows is not None and not same and dtype == torch.float32 else None
+        # the kernel, for 16-bit rows (widened as they are read) and float32 ones alike: torch's GEMM was
+        # faster for float32 on one Intel VM but 1.5–2× NumPy on an AMD one, the kernel ≤ 1.5× on both
+        # (benchmarks/README.md)
+        combine = fused.bind(flat_s, rows) if rows is not None and dtype == torch.float32 else None
         return _ParameterPlan(name, torch.Size(shape), inputs, read, rows, flat_s, same, combine)
 
     def _input_names(self, name: str, keep: Sequence[int]) -> list[str]:
