@@ -57,17 +57,28 @@ def _expert_grad(micro: int, n: int, q: int, seed: int) -> ExpertGrad:
 @pytest.mark.parametrize("decay_end", [0, 70_001, 150_007])
 def test_kernel_update_equals_torch_fused_adamw(micro: int, decay_end: int, two_threads, torch_adamw) -> None:
     """Three steps on a bank wide enough to be split across threads, with lr and gradients changing
-    every step; parameters and both moments match torch's update to float32 rounding."""
+    every step; parameters and both moments match torch's update to float32 rounding.
+
+    Where a row's gradient Σ_m α_mj g_m cancels almost completely (its terms 10⁴× larger than their
+    sum), either path's rounding of it is as right as the other's, and Adam normalises that noise
+    into a full step: there the parameters need only agree to within the steps taken."""
     n, q = 5, 150_007
+    lrs = (1e-2, 3e-3, 1e-3)
     start = torch.randn(n, q, generator=torch.Generator().manual_seed(1)) * 0.1
     kernel = FlatAdamW({"E": start.clone()}, {"E": decay_end}, weight_decay=0.1)
     reference = FlatAdamW({"E": start.clone()}, {"E": decay_end}, weight_decay=0.1)
-    for step, lr in enumerate((1e-2, 3e-3, 1e-3)):
+    cancelled = torch.zeros(n, q, dtype=torch.bool)
+    for step, lr in enumerate(lrs):
         grad = _expert_grad(micro, n, q, seed=10 + step)
+        a, g = torch.stack(grad.alphas), torch.stack(grad.grads)
+        cancelled |= (a[:, :, None] * g[:, None, :]).abs().sum(0) > 1e4 * (a.T @ g).abs()
         kernel.step({"E": grad}, lr)
         torch_adamw(lambda: reference.step({"E": grad}, lr))
     assert not torch.equal(kernel.params["E"], start)
-    torch.testing.assert_close(kernel.params["E"], reference.params["E"], rtol=0, atol=2e-6)
+    assert int(cancelled.sum()) <= 1e-3 * n * q  # random rows: about 2 in 10⁴ elements
+    torch.testing.assert_close(kernel.params["E"][~cancelled], reference.params["E"][~cancelled], rtol=0, atol=2e-6)
+    gap = (kernel.params["E"] - reference.params["E"])[cancelled].abs()
+    assert gap.numel() == 0 or float(gap.max()) <= 2 * sum(lrs)
     for moments in ("exp_avg", "exp_avg_sq"):  # float32 rounding, relative to the moment's scale
         ours, theirs = getattr(kernel, moments)["E"], getattr(reference, moments)["E"]
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6 * float(theirs.abs().max()))
