@@ -104,7 +104,7 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
 @click.option("--router-init", type=click.Choice(["random", "centroids", "groups"]),
               help="φ's initialisation: random, the linear map α = F h from the centroids' principal axes, or "
                    "α_j = h's mass on group j of the domains (one group per expert).")
-@click.option("--router-init-scale", type=float, help="With --router-init centroids: RMS ‖α‖ of a single domain.")
+@click.option("--router-init-scale", type=float, help="With --router-init centroids: RMS ‖α‖ of a single domain; with groups: α of a whole group.")
 @click.option("--expert-preconditioner", type=click.Choice(["own", "shared"]),
               help="Experts' Adam second moment: their own, or S's (updates then scale with α).")
 @click.option("--expert-moments", type=click.Choice(["float32", "bfloat16"]),

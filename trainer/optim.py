@@ -166,13 +166,14 @@ class FlatAdamW:
             buffer = torch.empty(p.shape[-1], dtype=p.dtype, device=p.device)
             denom = self._shared_denominator(name, p.shape[-1])
             mean, weights = self._shared_mean(name, grad, p.shape[-1])
+            b1 = self.beta1_of.get(name, self.betas[0])
             for j, row in enumerate(grad.rows(buffer)):
                 if denom is None:
                     self._update(p[j], row, m[j], v[j], end, lr_p, decay, step)
                 else:
                     if mean is not None:
                         row.sub_(mean, alpha=weights[j])
-                    self._update_shared(p[j], row, m[j], denom, end, lr_p, decay, self.beta1_of.get(name, self.betas[0]))
+                    self._update_shared(p[j], row, m[j], denom, end, lr_p, decay, b1)
         return merged
 
     def _update(self, p: Tensor, grad: Tensor, m: Tensor, v: Tensor, end: int, lr: float, weight_decay: float,
