@@ -124,6 +124,10 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
                    "s groups of related domains (one group per expert) in proportion to their mass.")
 @click.option("--neighbour-share", type=float, help="With --support-choice neighbours: share of neighbourhood draws.")
 @click.option("--generic-share", type=float, help="Share of π's draws that are h_generic itself.")
+@click.option("--branch-share", type=float,
+              help="Fraction of the steps, at the end, in which each expert trains alone from the trunk S on its "
+                   "group of domains (overrides the preset; 0 = joint training throughout).")
+@click.option("--branch-lr", type=float, help="Peak learning rate of each branch (overrides the preset).")
 @click.option("--threads", type=int, help="torch CPU threads.")
 def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | None, max_steps: int | None,
           stop_after: int | None, seed: int, checkpoint_every: int | None, sharding: str, baseline: str | None,
@@ -139,7 +143,8 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
           centre_alpha: bool | None,
           batch_size: int | None,
           grad_accum: int | None, support_size: int | None, support_choice: str | None,
-          neighbour_share: float | None, generic_share: float | None, threads: int | None) -> None:
+          neighbour_share: float | None, generic_share: float | None, branch_share: float | None,
+          branch_lr: float | None, threads: int | None) -> None:
     """Train (or resume) a soup or a baseline; resumes from WORKDIR/runs/RUN's last checkpoint."""
     import torch
 
@@ -163,7 +168,8 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
                                    "grad_accum": grad_accum,
                                    "support_size": support_size, "support_choice": support_choice,
                                    "neighbour_share": neighbour_share, "generic_share": generic_share,
-                                   "expert_rank": expert_rank}.items() if v is not None}
+                                   "expert_rank": expert_rank, "branch_share": branch_share,
+                                   "branch_lr": branch_lr}.items() if v is not None}
     if lr is not None:
         overrides["baseline_lr"] = lr
     p = p.replace(**overrides)
@@ -174,6 +180,15 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
             spec = RunSpec("soup", None, experts)
         if run_name:
             spec = RunSpec(run_name, spec.fixed_h, spec.experts)
+        if not baseline and p.branch_share > 0:
+            from .branches import train_branched
+            if stop_after is not None or sharding != "ddp":
+                raise SoeError("--branch-share: each phase is a resumable run of its own; drop --stop-after "
+                               "and --sharding bank")
+            run_dir = train_branched(workdir, p, name=spec.name, max_steps=max_steps, seed=seed, device=device,
+                                     precision=precision)
+            click.echo(f"run finished: {run_dir}")
+            return
         run_dir = run_train(workdir, p, spec=spec, max_steps=max_steps, seed=seed, checkpoint_every=checkpoint_every,
                             device=device, precision=precision, sharding=sharding, stop_after=stop_after)
     except SoeError as exc:

@@ -77,8 +77,11 @@ def _micro_rng(seed: int, step: int, micro: int) -> np.random.Generator:
 def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max_steps: int | None = None,
           seed: int = 0, checkpoint_every: int | None = None, device: str | None = None,
           precision: str | None = None, sharding: str = "ddp", progress: bool = True,
-          stop_after: int | None = None) -> Path:
+          stop_after: int | None = None, init_shared: torch.Tensor | None = None) -> Path:
     """Train (or resume) the run `spec.name` in WORKDIR/runs/; return the run folder.
+
+    `init_shared`: a fresh plain run starts from these parameters instead of a random
+    initialisation (a branch starts from its trunk, trainer/branches.py); a resumed run ignores it.
 
     `stop_after` ends this invocation after that many steps without finishing the run
     (a resumable pause: tests, and `--stop-after` probes); `max_steps` is the run's full length,
@@ -96,7 +99,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
     if shards.vocab_size > preset.model.vocab_size:
         raise SoeError(f"{workdir}: the tokenizer has {shards.vocab_size} tokens but the model's vocabulary "
                        f"is {preset.model.vocab_size}; prepare with the same preset")
-    autocast = _autocast_dtype(precision or preset.precision, ctx.device)
+    autocast = autocast_dtype(precision or preset.precision, ctx.device)
     run_dir = workdir / "runs" / spec.name
     ckpt_dir = run_dir / "checkpoints"
     soup_layout = SoupLayout.for_soup(config)
@@ -123,6 +126,10 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
     if n and preset.router_init != "random":
         state.set_router(_initial_router(preset, workdir, shards, n, groups))
 
+    if init_shared is not None:
+        if n or bank:
+            raise SoeError("a run can start from given parameters only as a plain model without bank sharding")
+        state.shared.copy_(init_shared.to(state.shared))
     peak_lr = preset.lr if n or preset.baseline_lr is None else preset.baseline_lr
     start = 0
     resumed = ckpt.latest_step(ckpt_dir)
@@ -228,7 +235,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
         bar.set_postfix(loss=f"{mean_loss:.3f}")
         done = step + 1
         if eval_sets and (done % preset.eval_every == 0 or done == total_steps):
-            metrics.write({"step": done, **_evaluate(state, layout, config, eval_sets, ctx, bank, autocast,
+            metrics.write({"step": done, **evaluate_soup(state, layout, config, eval_sets, ctx, bank, autocast,
                                                       shards.h_generic)})
         if done % every == 0 or done == total_steps or done == end:
             _save(state, ckpt_dir, done, ctx, bank, {"config": config.to_dict(), "sharding": sharding if bank else "ddp",
@@ -306,7 +313,7 @@ def _fault_injection_hook(rank: int, step: int) -> None:
         os._exit(1)
 
 
-def _autocast_dtype(precision: str | None, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(precision: str | None, device: torch.device) -> torch.dtype | None:
     if precision is None:
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp32":
@@ -368,7 +375,7 @@ def _full_theta_fn(state: SoupState, layout: FlatLayout, ctx: dd.DistContext, ba
 
 
 @torch.no_grad()
-def _evaluate(state: SoupState, layout: FlatLayout, config: SoupConfig, eval_sets, ctx: dd.DistContext,
+def evaluate_soup(state: SoupState, layout: FlatLayout, config: SoupConfig, eval_sets, ctx: dd.DistContext,
               bank: bool, autocast: torch.dtype | None, h_generic: np.ndarray) -> dict[str, Any]:
     """Held-out losses at φ(h_set) ("eval"); for a soup also what specialisation adds: each set's
     loss at φ(h_generic) ("eval_at_generic_alpha") and ‖φ(h_set) − φ(h_generic)‖ ("alpha_shift")."""

@@ -60,6 +60,11 @@ class Preset:
     centre_expert_gradients: bool = False  # with "shared": experts learn from ∇Θ − (S's running mean of ∇Θ)
     centre_alpha: bool = False  # merge with α − ᾱ (ᾱ: running mean over π), so experts learn only what
     # varies with h and S the rest; pack folds ᾱ into φ's output bias
+    # branch phase (trainer/branches.py): the last branch_share of the steps train each expert alone,
+    # from the trunk S (a plain model trained on the natural mixture for the first steps), on its
+    # group of domains; φ is then the fixed map α_j = h's mass on group j. 0: joint training throughout
+    branch_share: float = 0.0
+    branch_lr: float | None = None  # peak learning rate of a branch (None: baseline_lr, else lr)
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     weight_decay: float = 0.1
