@@ -4,7 +4,7 @@
     python benchmarks/merge_bandwidth.py --sizes small --dtypes float32,float16 --reps 5
 
 For each archive (written to a temporary folder and deleted afterwards) it times, median of
-`--reps` runs, with every α_j ≠ 0 so every expert is read:
+`--reps` runs (more where they take under 0.25 s in all), with every α_j ≠ 0 so every expert is read:
 
 - numpy     `S + α @ E` per parameter on in-memory float32 arrays holding the same values:
             the baseline "read the bytes once" (the target is warm ≤ 1.5× this);
@@ -92,9 +92,11 @@ def build_archive(path: Path, model: ModelConfig, storage: torch.dtype) -> SoupC
     return config
 
 
-def median_time(fn, reps: int) -> tuple[float, list[float]]:
-    runs = []
-    for _ in range(reps):
+def median_time(fn, reps: int, min_seconds: float = 0.25) -> tuple[float, list[float]]:
+    """Median of at least `reps` runs, and of as many more as fill `min_seconds`: a merge of a few
+    milliseconds needs more samples than five to get past its first runs' allocator warm-up."""
+    runs: list[float] = []
+    while len(runs) < reps or sum(runs) < min_seconds:
         start = time.perf_counter()
         fn()
         runs.append(time.perf_counter() - start)

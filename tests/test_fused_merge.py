@@ -108,6 +108,26 @@ def test_instantiate_with_the_kernel_equals_instantiate_through_torch(tmp_path: 
             torch.testing.assert_close(with_kernel[name], with_torch[name], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("storage", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_parameter_wider_than_one_block_merges_through_the_kernel_like_torch(storage: torch.dtype) -> None:
+    """A parameter merged in one kernel call (float32 rows included) equals torch's GEMM and the exact sum."""
+    from soe_sdk.soup import block_width, merge_dense
+
+    gen = torch.Generator().manual_seed(11)
+    q = 2 * block_width(6, torch.float32) + 77
+    shared, bank = torch.randn(q, generator=gen).to(storage), torch.randn(6, q, generator=gen).to(storage)
+    alpha = torch.tensor([0.5, -1.25, 2.0, 0.3, 0.75, -0.3])
+    with_kernel = merge_dense(shared, bank, range(6), alpha)
+    previous = fused.set_enabled(False)
+    try:
+        with_torch = merge_dense(shared, bank, range(6), alpha)
+    finally:
+        fused.set_enabled(previous)
+    expected = shared.double() + alpha.double() @ bank.double()
+    torch.testing.assert_close(with_kernel.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(with_kernel, with_torch, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_large_combination_split_across_threads_equals_torch(monkeypatch: pytest.MonkeyPatch,
                                                                dtype: torch.dtype) -> None:
