@@ -217,7 +217,7 @@ def _combine_rows(base: Tensor | None, alpha: Tensor, rows: Tensor, out: Tensor)
 
     The fused kernel takes float32 and 16-bit rows alike (widening the latter as it reads them);
     torch's GEMM is the fallback where the kernel cannot run. For float32 rows on an AVX2 EPYC the
-    kernel merged the 86 MB benchmark archive at 1.14× NumPy where the GEMM took 1.61×
+    kernel merged the 86 MB benchmark archive at 1.10–1.17× NumPy where the GEMM took 1.56–2.10×
     (benchmarks/README.md, 2026-12-03).
     """
     if fused.fused_combination(base, alpha, rows, out):
