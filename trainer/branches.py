@@ -88,7 +88,7 @@ def train_branched(workdir: str | Path, preset: Preset, *, name: str = "soup", m
     ctx = dd.setup(device)
     run_dir = workdir / "runs" / name
     if ctx.is_main:
-        _assemble(workdir, preset, run_dir, config, layout, shared, experts, groups, ctx, total,
+        _assemble(workdir, shards, preset, run_dir, config, layout, shared, experts, groups, ctx, total,
                   meta={"run": name, "preset": preset.name, "soup_config": config.to_dict(), "seed": seed,
                         "max_steps": total, "support_size": 1, "support_choice": "groups", "generic_share": 0.0,
                         "domain_groups": groups.tolist(), "fixed_h": False, "batch_size": preset.batch_size,
@@ -104,18 +104,18 @@ def train_branched(workdir: str | Path, preset: Preset, *, name: str = "soup", m
 
 def _final_parameters(run_dir: Path) -> torch.Tensor:
     step = ckpt.latest_step(run_dir / "checkpoints")
-    assert step is not None, f"{run_dir} finished without a checkpoint"
+    if step is None:
+        raise SoeError(f"{run_dir}: the phase finished without a checkpoint; delete the folder and train again")
     return ckpt.load_checkpoint(run_dir / "checkpoints", step)[0]["S"]
 
 
-def _assemble(workdir: Path, preset: Preset, run_dir: Path, config: SoupConfig, layout: SoupLayout,
+def _assemble(workdir: Path, shards: DomainShards, preset: Preset, run_dir: Path, config: SoupConfig, layout: SoupLayout,
               shared: torch.Tensor, experts: torch.Tensor, groups: np.ndarray, ctx: dd.DistContext, total: int,
               meta: dict) -> None:
     """Write the soup S, E, φ as run NAME's final checkpoint, with the trunk's log and a final evaluation."""
     router = linear_router(group_features(groups, config.router.n), config.router.hidden)
     state = SoupState(config, layout, shared.clone().to(ctx.device), experts.to(ctx.device),
                       {k: v.to(ctx.device) for k, v in router.items()})
-    shards = DomainShards.open(workdir)
     eval_sets = load_eval_sets(workdir, preset.model.max_seq_len, preset.eval_tokens, shards.h_generic, shards.dtype)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(json.dumps(meta, indent=2))

@@ -236,7 +236,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
         done = step + 1
         if eval_sets and (done % preset.eval_every == 0 or done == total_steps):
             metrics.write({"step": done, **evaluate_soup(state, layout, config, eval_sets, ctx, bank, autocast,
-                                                      shards.h_generic)})
+                                                          shards.h_generic)})
         if done % every == 0 or done == total_steps or done == end:
             _save(state, ckpt_dir, done, ctx, bank, {"config": config.to_dict(), "sharding": sharding if bank else "ddp",
                                                       "world": ctx.world if bank else 1, "lo": state.lo,
@@ -376,7 +376,7 @@ def _full_theta_fn(state: SoupState, layout: FlatLayout, ctx: dd.DistContext, ba
 
 @torch.no_grad()
 def evaluate_soup(state: SoupState, layout: FlatLayout, config: SoupConfig, eval_sets, ctx: dd.DistContext,
-              bank: bool, autocast: torch.dtype | None, h_generic: np.ndarray) -> dict[str, Any]:
+                  bank: bool, autocast: torch.dtype | None, h_generic: np.ndarray) -> dict[str, Any]:
     """Held-out losses at φ(h_set) ("eval"); for a soup also what specialisation adds: each set's
     loss at φ(h_generic) ("eval_at_generic_alpha") and ‖φ(h_set) − φ(h_generic)‖ ("alpha_shift")."""
     theta_of = _full_theta_fn(state, layout, ctx, bank)
