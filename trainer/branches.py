@@ -109,9 +109,9 @@ def _final_parameters(run_dir: Path) -> torch.Tensor:
     return ckpt.load_checkpoint(run_dir / "checkpoints", step)[0]["S"]
 
 
-def _assemble(workdir: Path, shards: DomainShards, preset: Preset, run_dir: Path, config: SoupConfig, layout: SoupLayout,
-              shared: torch.Tensor, experts: torch.Tensor, groups: np.ndarray, ctx: dd.DistContext, total: int,
-              meta: dict) -> None:
+def _assemble(workdir: Path, shards: DomainShards, preset: Preset, run_dir: Path, config: SoupConfig,
+              layout: SoupLayout, shared: torch.Tensor, experts: torch.Tensor, groups: np.ndarray,
+              ctx: dd.DistContext, total: int, meta: dict) -> None:
     """Write the soup S, E, φ as run NAME's final checkpoint, with the trunk's log and a final evaluation."""
     router = linear_router(group_features(groups, config.router.n), config.router.hidden)
     state = SoupState(config, layout, shared.clone().to(ctx.device), experts.to(ctx.device),
