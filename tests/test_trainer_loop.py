@@ -153,6 +153,19 @@ def test_baseline_generic_is_a_plain_model(tmp_path: Path) -> None:
     assert soup.n == 0 and soup.metadata["provenance"]["fixed_h"] is True
 
 
+def test_model_shape_options_override_the_preset_and_a_resume_must_match(tmp_path: Path) -> None:
+    work = make_workdir(tmp_path / "work")
+    args = [str(work), "--max-steps", "4", "--d-model", "32", "--n-layers", "1"]
+    done = subprocess.run(_cli(*args), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    model = json.loads((work / "runs" / "soup" / "run.json").read_text())["soup_config"]["model"]
+    assert (model["d_model"], model["n_layers"], model["d_mlp"], model["n_heads"]) == (32, 1, 128, 1)
+    subprocess.run([sys.executable, "-m", "trainer", "pack", str(work), "--out", str(tmp_path / "s.soe")], check=True)
+    assert soe_sdk.load(tmp_path / "s.soe").config.model.d_model == 32
+    other = subprocess.run(_cli(str(work), "--max-steps", "6", "--d-model", "64"), capture_output=True, text=True)
+    assert other.returncode != 0 and "another configuration" in other.stderr
+
+
 def test_baselines_train_at_the_baseline_learning_rate(tmp_path: Path) -> None:
     from trainer.loop import baseline_spec
     from trainer.shards import DomainShards

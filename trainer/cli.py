@@ -1,6 +1,7 @@
 """`soe-train`: prepare a corpus, train a soup or a baseline, pack it into a `.soe` archive."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -115,6 +116,9 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
               help="With --expert-preconditioner shared: experts learn from ∇Θ minus S's running mean gradient.")
 @click.option("--centre-alpha/--no-centre-alpha", default=None,
               help="Merge with α − ᾱ (running mean of α over π) during training (overrides the preset).")
+@click.option("--d-model", type=int,
+              help="Model width (overrides the preset; d_mlp = 4·d_model, heads of 32 dimensions).")
+@click.option("--n-layers", type=int, help="Transformer blocks (overrides the preset).")
 @click.option("--batch-size", type=int, help="Sequences per micro-batch (overrides the preset).")
 @click.option("--grad-accum", type=int, help="Micro-batches, each with its own h, per optimizer step.")
 @click.option("--support-size", type=int, help="s: domains per draw of the meta-distribution.")
@@ -141,7 +145,7 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
           expert_moments: str | None, expert_beta1: float | None,
           centre_expert_gradients: bool | None,
           centre_alpha: bool | None,
-          batch_size: int | None,
+          d_model: int | None, n_layers: int | None, batch_size: int | None,
           grad_accum: int | None, support_size: int | None, support_choice: str | None,
           neighbour_share: float | None, generic_share: float | None, branch_share: float | None,
           branch_lr: float | None, threads: int | None) -> None:
@@ -172,6 +176,11 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
                                    "branch_lr": branch_lr}.items() if v is not None}
     if lr is not None:
         overrides["baseline_lr"] = lr
+    if d_model is not None:
+        overrides["model"] = dataclasses.replace(p.model, d_model=d_model, d_mlp=4 * d_model,
+                                                 n_heads=max(1, d_model // 32))
+    if n_layers is not None:
+        overrides["model"] = dataclasses.replace(overrides.get("model", p.model), n_layers=n_layers)
     p = p.replace(**overrides)
     try:
         if baseline:
