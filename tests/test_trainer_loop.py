@@ -164,6 +164,8 @@ def test_model_shape_options_override_the_preset_and_a_resume_must_match(tmp_pat
     assert soe_sdk.load(tmp_path / "s.soe").config.model.d_model == 32
     other = subprocess.run(_cli(str(work), "--max-steps", "6", "--d-model", "64"), capture_output=True, text=True)
     assert other.returncode != 0 and "another configuration" in other.stderr
+    odd = subprocess.run(_cli(str(work), "--d-model", "100"), capture_output=True, text=True)
+    assert odd.returncode != 0 and "not divisible by n_heads=3" in odd.stderr and "Traceback" not in odd.stderr
 
 
 def test_baselines_train_at_the_baseline_learning_rate(tmp_path: Path) -> None:

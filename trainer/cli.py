@@ -176,11 +176,15 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
                                    "branch_lr": branch_lr}.items() if v is not None}
     if lr is not None:
         overrides["baseline_lr"] = lr
-    if d_model is not None:
-        overrides["model"] = dataclasses.replace(p.model, d_model=d_model, d_mlp=4 * d_model,
-                                                 n_heads=max(1, d_model // 32))
-    if n_layers is not None:
-        overrides["model"] = dataclasses.replace(overrides.get("model", p.model), n_layers=n_layers)
+    try:
+        if d_model is not None:
+            overrides["model"] = dataclasses.replace(p.model, d_model=d_model, d_mlp=4 * d_model,
+                                                     n_heads=max(1, d_model // 32))
+        if n_layers is not None:
+            overrides["model"] = dataclasses.replace(overrides.get("model", p.model), n_layers=n_layers)
+    except ValueError as exc:  # the model config's own check, e.g. a width the 32-wide heads do not divide
+        hint = " (heads are 32 wide: use a multiple of 32, or a width below 64)" if "n_heads" in str(exc) else ""
+        raise click.BadParameter(f"{exc}{hint}", param_hint="--d-model/--n-layers")
     p = p.replace(**overrides)
     try:
         if baseline:
