@@ -1,7 +1,6 @@
 """The soup's per-step optimizer work on the expert bank: torch's fused AdamW row by row vs the
 compiled one-pass kernel (trainer/fused_adamw.py), with and without the next merge folded in,
-with float32 or bfloat16 moments (`--expert-moments`), and the router's E g either as a product of
-its own before the update (the exact gradient) or formed inside the update's pass (`--router-grad-delay`).
+with float32 or bfloat16 moments (`--expert-moments`).
 
     python benchmarks/expert_update.py [--experts 16] [--width 1340000] [--reps 15]
 
@@ -60,15 +59,6 @@ def main() -> None:
     def kernel_and_merge() -> None:
         opt.step({"S": torch.zeros(q), "E": grad}, 1e-3, lambda: (opt.params["S"], alpha_next, out))
 
-    def e_g_then_kernel_and_merge() -> None:  # what an exact router gradient costs: E g reads the bank once more
-        p @ grad.grads[0]
-        kernel_and_merge()
-
-    dots = torch.zeros(n, 1, dtype=torch.float64)
-
-    def kernel_merge_and_e_g() -> None:
-        opt.step({"S": torch.zeros(q), "E": grad}, 1e-3, lambda: (opt.params["S"], alpha_next, out), dots)
-
     bf16 = FlatAdamW({"E": p}, {"E": q - q // 50}, moment_dtype={"E": torch.bfloat16})
 
     def kernel_bf16_and_merge() -> None:
@@ -82,8 +72,6 @@ def main() -> None:
     variants = {"torch rows": torch_rows, "torch rows + merge": torch_rows_and_merge, "read+write p, m, v": stream}
     if fused_adamw.available():
         variants.update({"kernel": kernel, "kernel + merge": kernel_and_merge,
-                         "E g, then kernel + merge": e_g_then_kernel_and_merge,
-                         "kernel + merge + E g": kernel_merge_and_e_g,
                          "kernel bf16 m,v + merge": kernel_bf16_and_merge})
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.reps + 1):

@@ -91,8 +91,6 @@ def preset_for(args: argparse.Namespace):
         preset = preset.replace(grad_accum=args.grad_accum)
     if args.expert_moments:
         preset = preset.replace(expert_moments=args.expert_moments)
-    if args.router_grad_delay is not None:
-        preset = preset.replace(router_grad_delay=args.router_grad_delay)
     if args.router_frozen:
         preset = preset.replace(router_freeze_at=0.0)
     return preset
@@ -119,8 +117,6 @@ def main() -> None:
                         "(default: the preset's, which is what the target is about)")
     parser.add_argument("--expert-moments", choices=["float32", "bfloat16"],
                         help="storage dtype of the soup's expert Adam moments (default: the preset's)")
-    parser.add_argument("--router-grad-delay", action=argparse.BooleanOptionalAction, default=None,
-                        help="φ learns from the previous step's E g, formed in the bank's update pass (default: the preset's)")
     parser.add_argument("--router-frozen", action="store_true",
                         help="measure steps with φ frozen (cpu-demo's last 45 %% of steps) instead of learning")
     parser.add_argument("--steps", type=int, default=60, help="measured steps per model")
@@ -140,7 +136,7 @@ def main() -> None:
 
     tokens_per_step = preset.batch_size * preset.grad_accum * preset.model.max_seq_len
     print(json.dumps({"setup": True, "preset": preset.name, "model": preset.model.to_dict(), "experts": experts,
-                      "expert_moments": preset.expert_moments, "router_grad_delay": preset.router_grad_delay,
+                      "expert_moments": preset.expert_moments, "router_frozen": args.router_frozen,
                       "tokens_per_step": tokens_per_step, "torch_threads": torch.get_num_threads(),
                       "slice_s": args.slice, "load_average_1m": os.getloadavg()[0],
                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}), flush=True)
@@ -153,8 +149,6 @@ def main() -> None:
         for kind in KINDS:
             extra = (["--grad-accum", str(args.grad_accum)] if args.grad_accum else []) + \
                 (["--expert-moments", args.expert_moments] if args.expert_moments else []) + \
-                ([] if args.router_grad_delay is None else
-                 ["--router-grad-delay" if args.router_grad_delay else "--no-router-grad-delay"]) + \
                 (["--router-frozen"] if args.router_frozen else [])
             workers[kind] = subprocess.Popen([sys.executable, __file__, "--preset", args.preset, "--experts",
                                               str(experts), "--worker", kind, "--workdir", str(workdir), *extra])
@@ -199,8 +193,7 @@ def main() -> None:
           f"{len(switches) // 2} turns of {args.slice} s\n")
     print(json.dumps({"soup_tokens_per_s": rates["soup"], "plain_tokens_per_s": rates["plain"], "ratio": ratio,
                       "experts": experts, "preset": preset.name, "grad_accum": preset.grad_accum,
-                      "expert_moments": preset.expert_moments, "router_grad_delay": preset.router_grad_delay,
-                      "router_frozen": args.router_frozen}))
+                      "expert_moments": preset.expert_moments, "router_frozen": args.router_frozen}))
 
 
 if __name__ == "__main__":

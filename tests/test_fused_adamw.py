@@ -271,29 +271,3 @@ def test_training_with_bfloat16_moments_resumes_exactly(tmp_path: Path) -> None:
     assert json.loads((straight / "run.json").read_text())["expert_moments"] == "bfloat16"
     for key in ("S", "E", "opt.m.E", "opt.v.E"):
         assert torch.equal(a[key], b[key]), key
-
-
-@pytest.mark.parametrize("micro", [1, 3])
-@pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("with_merge", [False, True])
-def test_the_update_pass_also_forms_e_g(two_threads, micro: int, moments: torch.dtype, with_merge: bool) -> None:
-    """`dots` receives E_old @ Gᵀ (each micro-batch's ∂ℓ/∂α) from the pass that updates E, and asking
-    for it changes neither the update nor the folded merge by a single bit."""
-    n, q, decay_end = 5, 150_007, 70_001
-    gen = torch.Generator().manual_seed(11)
-    start = torch.randn(n, q, generator=gen)
-    a, g = torch.randn(micro, n, generator=gen), torch.randn(micro, q, generator=gen)
-    base, alpha_next = torch.randn(q, generator=gen), torch.randn(n, generator=gen)
-    results = []
-    for dots in (None, torch.full((n, micro), float("nan"), dtype=torch.float64)):
-        p = start.clone()
-        m, v = torch.zeros(n, q, dtype=moments), torch.zeros(n, q, dtype=moments)
-        out = torch.empty(q)
-        merge = (base, alpha_next, out) if with_merge else None
-        assert fused_adamw.update_rows(p, m, v, a, g, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
-                                       decay_end=decay_end, step=1, merge=merge, dots=dots)
-        results.append((p, m, v, out if with_merge else None, dots))
-    (p0, m0, v0, out0, _), (p1, m1, v1, out1, dots) = results
-    assert torch.equal(p0, p1) and torch.equal(m0, m1) and torch.equal(v0, v1)
-    assert out0 is None or torch.equal(out0, out1)
-    torch.testing.assert_close(dots, start.double() @ g.double().T, rtol=1e-6, atol=1e-6 * q ** 0.5)

@@ -72,6 +72,37 @@ def test_bank_sharded_init_equals_the_slices_of_the_full_soup() -> None:
             assert torch.equal(part.router[name], value)
 
 
+def test_a_frozen_router_gets_no_gradient_and_the_step_is_otherwise_the_same() -> None:
+    """Once φ is frozen a micro-step computes no ∂ℓ/∂α (no E g, no backward into φ), and S and E
+    receive exactly the gradients they receive while φ learns."""
+    from soe_sdk.config import ModelConfig, RouterConfig, SoupConfig
+    from trainer.state import SoupState
+
+    config = SoupConfig(ModelConfig(vocab_size=300, max_seq_len=32, d_model=32, n_layers=2, n_heads=2, d_mlp=64),
+                        RouterConfig(k=4, n=3, hidden=8))
+    gen = torch.Generator().manual_seed(4)
+    h, tokens = torch.softmax(torch.randn(4, generator=gen), 0), torch.randint(0, 300, (2, 32), generator=gen)
+    grads = {}
+    for frozen in (False, True):
+        state = SoupState.fresh(config, 11, torch.device("cpu"))
+        if frozen:
+            state.set_router_lr_scale(0.0)
+        assert state.router_learning is not frozen
+        state.zero_grad()
+        state.micro_step(h, tokens, 1.0)
+        grads[frozen] = state.grad_dict()
+        assert all((p.grad is None) is frozen for p in state.router.values())
+        if frozen:
+            before = {k: v.detach().clone() for k, v in state.router.items()}
+            state.optimizer_step(grads[frozen], 1e-2)
+            assert all(torch.equal(v.detach(), before[k]) for k, v in state.router.items())
+    assert torch.equal(grads[True]["S"], grads[False]["S"])
+    assert torch.equal(grads[True]["E"].dense(3, grads[True]["E"].grads[0].numel()),
+                       grads[False]["E"].dense(3, grads[False]["E"].grads[0].numel()))
+    assert float(grads[False]["router.fc2.weight"].abs().sum()) > 0
+    assert float(grads[True]["router.fc2.weight"].abs().sum()) == 0
+
+
 def test_per_parameter_learning_rate_scales() -> None:
     start = torch.randn(10, generator=torch.Generator().manual_seed(2))
     grad = torch.ones(10)

@@ -7,9 +7,6 @@
  * of G stays in L1/L2 while every expert row's gradient is formed in registers, its
  * parameters and moments are updated, and (optionally) alpha'_j times the new row is added
  * into the next Theta: the bank, m and v are each read and written exactly once per step.
- * Optionally the same pass also forms E_old @ G^T, the router's gradient dl/dalpha = E g of
- * each micro-batch (`--router-grad-delay`: the router applies it one step later), so that
- * product needs no pass over the bank of its own either.
  *
  * The loops are plain C; they are built for AVX-512, AVX2 and baseline x86-64 and the best
  * one is picked at load time (target_clones), so one wheel runs on any x86-64 CPU. sqrtf
@@ -53,26 +50,6 @@ CLONES static void form_gradient(float *restrict grad, const float *restrict g, 
         const float ak = a[k * n];
         const float *restrict gk = g + k * g_stride;
         for (Py_ssize_t i = 0; i < len; i++) grad[i] += ak * gk[i];
-    }
-}
-
-/* dots[m] += sum_i row[i] * G[m * g_stride + i] for every micro-batch m: the row's share of the router
- * gradient E g, read while the row's block is in cache for its update. DOT_LANES partial sums per
- * micro-batch (GCC vectorises the reduction into several independent vector accumulators); the
- * block's total is added in double. */
-#define DOT_LANES 64
-CLONES static void dot_span(double *dots, const float *restrict row, const float *restrict g, Py_ssize_t g_stride,
-                            Py_ssize_t micro, Py_ssize_t len) {
-    for (Py_ssize_t k = 0; k < micro; k++) {
-        const float *restrict gk = g + k * g_stride;
-        float acc[DOT_LANES] = {0};
-        Py_ssize_t i = 0;
-        for (; i + DOT_LANES <= len; i += DOT_LANES)
-            for (int l = 0; l < DOT_LANES; l++) acc[l] += row[i + l] * gk[i + l];
-        double total = 0.0;
-        for (int l = 0; l < DOT_LANES; l++) total += acc[l];
-        for (; i < len; i++) total += (double)row[i] * gk[i];
-        dots[k] += total;
     }
 }
 
@@ -217,14 +194,14 @@ static PyObject *merge_rows(PyObject *self, PyObject *args) {
 }
 
 static PyObject *update_rows(PyObject *self, PyObject *args) {
-    unsigned long long p_p, m_p, v_p, g_p, a_p, next_p, base_p, out_p, dots_p;
+    unsigned long long p_p, m_p, v_p, g_p, a_p, next_p, base_p, out_p;
     Py_ssize_t n, row_stride, lo, hi, decay_end, micro, g_stride;
     int bf16_moments;
     float decay, b1, b2, eps, step_size, inv_bc2_sqrt;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKKpnnnnnKnnKffffffKKKK", &p_p, &m_p, &v_p, &bf16_moments, &n, &row_stride, &lo, &hi, &decay_end,
+    if (!PyArg_ParseTuple(args, "KKKpnnnnnKnnKffffffKKK", &p_p, &m_p, &v_p, &bf16_moments, &n, &row_stride, &lo, &hi, &decay_end,
                           &g_p, &micro, &g_stride, &a_p, &decay, &b1, &b2, &eps, &step_size, &inv_bc2_sqrt, &next_p,
-                          &base_p, &out_p, &dots_p))
+                          &base_p, &out_p))
         return NULL;
     if (n < 0 || lo < 0 || hi < lo || micro < 1) {
         PyErr_SetString(PyExc_ValueError, "update_rows: negative size, empty column range or no micro-batch");
@@ -236,7 +213,6 @@ static PyObject *update_rows(PyObject *self, PyObject *args) {
     const float *g = (const float *)(uintptr_t)g_p, *a = (const float *)(uintptr_t)a_p;
     const float *next_alpha = (const float *)(uintptr_t)next_p, *base = (const float *)(uintptr_t)base_p;
     float *out = (float *)(uintptr_t)out_p; /* NULL unless the next merge is folded in */
-    double *dots = (double *)(uintptr_t)dots_p; /* [n, micro], or NULL: += E_old @ G^T over [lo, hi) */
     const Hyper hp = {b1, b2, step_size, inv_bc2_sqrt, eps};
 #ifdef HAVE_AVX512_BF16_SPAN
     const int use_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
@@ -258,7 +234,6 @@ static PyObject *update_rows(PyObject *self, PyObject *args) {
             if (micro > 1) form_gradient(grad, g + c0, g_stride, a + j, n, micro, len);
             const size_t at = (size_t)j * (size_t)row_stride + (size_t)c0;
             const float next = out ? next_alpha[j] : 0.0f;
-            if (dots) dot_span(dots + (size_t)j * (size_t)micro, p + at, g + c0, g_stride, micro, len); /* before the update */
             for (int part = 0; part < 2; part++) { /* the decayed columns, then the rest */
                 const Py_ssize_t from = part ? decayed : 0, span = part ? len - decayed : decayed;
                 const size_t k = at + (size_t)from;
@@ -283,10 +258,9 @@ static PyObject *update_rows(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"update_rows", update_rows, METH_VARARGS,
      "update_rows(p, m, v, bf16_moments, n, row_stride, lo, hi, decay_end, G, micro, g_stride, A, decay, beta1, beta2, eps, "
-     "step_size, inv_bc2_sqrt, next_alpha, base, out, dots): AdamW on columns [lo, hi) of the n rows of p/m/v with "
+     "step_size, inv_bc2_sqrt, next_alpha, base, out): AdamW on columns [lo, hi) of the n rows of p/m/v with "
      "gradient rows A[:, j] @ G (A: [micro, n], G: [micro, g_stride]); columns < decay_end are multiplied by "
-     "`decay` first; with out != 0, out[lo:hi] = base[lo:hi] + next_alpha @ p_new[:, lo:hi]; with dots != 0, "
-     "dots[j, m] += p_old[j, lo:hi] @ G[m, lo:hi] (float64). Raw pointers: float32, "
+     "`decay` first; with out != 0, out[lo:hi] = base[lo:hi] + next_alpha @ p_new[:, lo:hi]. Raw pointers: float32, "
      "and m, v bfloat16 when bf16_moments is true."},
     {"merge_rows", merge_rows, METH_VARARGS,
      "merge_rows(p, n, row_stride, lo, hi, alpha, base, out): out[lo:hi] = base[lo:hi] + alpha @ p[:, lo:hi], "

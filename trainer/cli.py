@@ -112,8 +112,6 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
               help="Storage dtype of the expert bank's Adam moments (overrides the preset).")
 @click.option("--expert-beta1", type=float,
               help="With --expert-preconditioner shared: β₁ of the experts' momentum (default: the preset's β₁).")
-@click.option("--router-grad-delay/--no-router-grad-delay", default=None,
-              help="φ learns from the previous step's ∂ℓ/∂α, formed in the bank's update pass (faster on a CPU).")
 @click.option("--centre-expert-gradients/--no-centre-expert-gradients", default=None,
               help="With --expert-preconditioner shared: experts learn from ∇Θ minus S's running mean gradient.")
 @click.option("--centre-alpha/--no-centre-alpha", default=None,
@@ -144,7 +142,7 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
           expert_start_at: float | None, router_input_scale: float | None,
           expert_init_scale: float | None,
           router_init: str | None, router_init_scale: float | None, expert_preconditioner: str | None,
-          expert_moments: str | None, expert_beta1: float | None, router_grad_delay: bool | None,
+          expert_moments: str | None, expert_beta1: float | None,
           centre_expert_gradients: bool | None,
           centre_alpha: bool | None,
           d_model: int | None, n_layers: int | None, batch_size: int | None,
@@ -169,7 +167,7 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
                                    "expert_init_scale": expert_init_scale, "router_init": router_init,
                                    "router_init_scale": router_init_scale,
                                    "expert_preconditioner": expert_preconditioner, "expert_moments": expert_moments,
-                                   "expert_beta1": expert_beta1, "router_grad_delay": router_grad_delay,
+                                   "expert_beta1": expert_beta1,
                                    "centre_expert_gradients": centre_expert_gradients, "batch_size": batch_size,
                                    "grad_accum": grad_accum,
                                    "support_size": support_size, "support_choice": support_choice,

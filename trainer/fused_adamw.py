@@ -44,13 +44,12 @@ def _fits(t: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool
 
 def update_rows(p: Tensor, m: Tensor, v: Tensor, coefficients: Tensor, grads: Tensor, *, lr: float,
                 betas: tuple[float, float], eps: float, weight_decay: float, decay_end: int, step: int,
-                merge: tuple[Tensor, Tensor, Tensor] | None = None, dots: Tensor | None = None) -> bool:
+                merge: tuple[Tensor, Tensor, Tensor] | None = None) -> bool:
     """AdamW (as torch's, decoupled decay on columns [0, decay_end)) of the rows p [n, q] with moments
     m, v, whose gradient rows are coefficientsᵀ @ grads (coefficients [M, n], grads [M, q]). The moments
     are float32, or both bfloat16 (updated in float32, stored rounded to nearest).
 
     `merge` = (base [q], α' [n], out [q]) also writes out = base + α' @ p_new in the same pass.
-    `dots` [n, M] (float64) receives p_old @ gradsᵀ from the same pass (each micro-batch's ∂ℓ/∂α = E g).
     Returns False, touching nothing, when the kernel cannot take these tensors.
     """
     if not available() or p.dim() != 2:
@@ -66,27 +65,18 @@ def update_rows(p: Tensor, m: Tensor, v: Tensor, coefficients: Tensor, grads: Te
         return False
     if merge is not None and not (merge[0].numel() == q and merge[1].numel() == n and merge[2].numel() == q):
         return False
-    if dots is not None and not (dots.shape == (n, micro) and _fits(dots, (torch.float64,))):
-        return False
     b1, b2 = betas
     step_size = lr / (1 - b1 ** step)
     inv_bc2_sqrt = 1 / math.sqrt(1 - b2 ** step)
     base, alpha, out = (t.data_ptr() for t in merge) if merge is not None else (0, 0, 0)
     pointers = (p.data_ptr(), m.data_ptr(), v.data_ptr(), m.dtype == torch.bfloat16)
-    partial: dict[int, Tensor] = {}  # each column range's own dots (ranges run on different threads)
 
     def part(lo: int, hi: int) -> None:
-        own = 0
-        if dots is not None:
-            partial[lo] = torch.zeros(n, micro, dtype=torch.float64)
-            own = partial[lo].data_ptr()
         _adamw_kernel.update_rows(*pointers, n, q, lo, hi, decay_end, grads.data_ptr(), micro, q,
                                   coefficients.data_ptr(), 1 - lr * weight_decay, b1, b2, eps, step_size,
-                                  inv_bc2_sqrt, alpha, base, out, own)
+                                  inv_bc2_sqrt, alpha, base, out)
 
     split_columns(part, q)
-    if dots is not None:
-        dots.copy_(torch.stack([partial[lo] for lo in sorted(partial)]).sum(0))  # a fixed order: reproducible
     return True
 
 

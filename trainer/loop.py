@@ -121,7 +121,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                             router_lr_scale=preset.router_lr_scale, router_input_scale=preset.router_input_scale,
                             centre_alpha=preset.centre_alpha, expert_preconditioner=preset.expert_preconditioner,
                             centre_gradients=preset.centre_expert_gradients, expert_moments=preset.expert_moments,
-                            expert_beta1=preset.expert_beta1, router_grad_delay=preset.router_grad_delay)
+                            expert_beta1=preset.expert_beta1)
     groups = _domain_groups(preset, workdir) if "groups" in (preset.router_init, preset.support_choice) else None
     if n and preset.router_init != "random":
         state.set_router(_initial_router(preset, workdir, shards, n, groups))
@@ -156,7 +156,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                 "router_init_scale": preset.router_init_scale,
                 "expert_preconditioner": preset.expert_preconditioner, "expert_moments": preset.expert_moments,
                 "centre_expert_gradients": preset.centre_expert_gradients, "expert_beta1": preset.expert_beta1,
-                "router_grad_delay": preset.router_grad_delay, "storage_dtype": preset.storage_dtype,
+                "storage_dtype": preset.storage_dtype,
                 "precision": "fp32" if autocast is None else "bf16"}
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -212,8 +212,8 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
         if ctx.active and not bank:
             for name, g in grads.items():
                 if isinstance(g, ExpertGrad):  # every rank's (α, ∇Θ) pairs: world·M·q floats, not n·q
-                    g.gather(dd.all_gather_rows, ctx.rank)
-                elif name not in state.delayed_grads:  # a delayed gradient was summed when it was made
+                    g.gather(dd.all_gather_rows)
+                else:
                     dd.all_reduce_sum(g)
         state.update_centre(grads["E"].alphas)  # after the gather: every rank's micro-batches
         norm = _clip(grads, preset.grad_clip, state, bank)
@@ -224,7 +224,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
         first_micro = 0 if bank else ctx.rank  # this rank's first micro-batch of the next step
         ahead = n and step + 1 < end and first_micro < micro_total
         next_h = torch.as_tensor(h_of(_micro_rng(seed, step + 1, first_micro))) if ahead else None
-        state.optimizer_step(grads, lr, next_h, reduce_router=dd.all_reduce_sum if ctx.active and not bank else None)
+        state.optimizer_step(grads, lr, next_h)
         mean_loss = _mean_over_ranks(losses, ctx)
         now = time.time()
         metrics.write({"step": step + 1, "loss": mean_loss, "lr": lr, "grad_norm": norm,
@@ -331,8 +331,7 @@ def _check_same_run(saved: dict[str, Any], config: SoupConfig, sharding: str, wo
     run = saved.get("run", {})
     checked = [("router_input_scale", 1.0), ("centre_alpha", False), ("support_choice", "uniform"),
                ("generic_share", 0.0), ("expert_beta1", None),
-               ("expert_preconditioner", "own"), ("centre_expert_gradients", False), ("expert_moments", "float32"),
-               ("router_grad_delay", False)]
+               ("expert_preconditioner", "own"), ("centre_expert_gradients", False), ("expert_moments", "float32")]
     if preset.support_choice == "neighbours":
         checked.append(("neighbour_share", 0.5))
     for key, default in checked:

@@ -52,7 +52,6 @@ class ExpertGrad:
     alphas: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)
     scale: float = 1.0
-    own: int = 0  # index of this rank's first pair (after `gather`: rank × pairs per rank)
 
     def add(self, alpha: Tensor, grad: Tensor) -> None:
         self.alphas.append(alpha.detach().reshape(-1))
@@ -62,11 +61,9 @@ class ExpertGrad:
         self.alphas.clear()
         self.grads.clear()
         self.scale = 1.0
-        self.own = 0
 
-    def gather(self, all_gather_rows: Callable[[Tensor], Tensor], rank: int = 0) -> None:
-        """Replace the pairs by every rank's pairs, in rank order (data-parallel ranks hold different micro-batches)."""
-        self.own = rank * len(self.grads)
+    def gather(self, all_gather_rows: Callable[[Tensor], Tensor]) -> None:
+        """Replace the pairs by every rank's pairs (data-parallel ranks hold different micro-batches)."""
         if self.grads:
             self.alphas = list(all_gather_rows(torch.stack(self.alphas)).unbind(0))
             self.grads = list(all_gather_rows(torch.stack(self.grads)).unbind(0))
@@ -137,15 +134,14 @@ class FlatAdamW:
 
     @torch.no_grad()
     def step(self, grads: dict[str, Tensor | ExpertGrad], lr: float,
-             next_merge: Callable[[], NextMerge | None] | None = None, dots: Tensor | None = None) -> bool:
+             next_merge: Callable[[], NextMerge | None] | None = None) -> bool:
         """One AdamW update; an `ExpertGrad` is applied after every other parameter, in one pass with
         the compiled kernel, else one expert row at a time.
 
         `next_merge` is called once the other parameters are updated (so it may use the new S and φ);
         when it returns (base, α', out), the kernel's pass over the bank also writes
         out = base + α'ᵀE_new. Returns whether it did (only the kernel does, for a single `ExpertGrad`
-        with its own moments). `dots` [n, M] (float64), if given, receives E_old @ Gᵀ of the (single)
-        `ExpertGrad`: each micro-batch's ∂ℓ/∂α, from the kernel's pass or else from a product before the update.
+        with its own moments).
         """
         self.step_count += 1
         step = torch.tensor(float(self.step_count))
@@ -164,11 +160,9 @@ class FlatAdamW:
                 a, g = grad.stacked()
                 if fused_adamw.update_rows(p, m, v, a, g, lr=lr_p, betas=self.betas, eps=self.eps,
                                            weight_decay=decay, decay_end=end, step=self.step_count,
-                                           merge=merge, dots=dots):
+                                           merge=merge):
                     merged = merge is not None
                     continue
-            if dots is not None:
-                dots.copy_(p @ grad.stacked()[1].T) if grad.grads else dots.zero_()
             buffer = torch.empty(p.shape[-1], dtype=p.dtype, device=p.device)
             denom = self._shared_denominator(name, p.shape[-1])
             mean, weights = self._shared_mean(name, grad, p.shape[-1])

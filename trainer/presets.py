@@ -58,8 +58,6 @@ class Preset:
     # its momentum over S's √v, so it moves in proportion to its α rather than at the full rate
     expert_beta1: float | None = None  # with "shared": β₁ of the experts' own momentum (None: beta1)
     centre_expert_gradients: bool = False  # with "shared": experts learn from ∇Θ − (S's running mean of ∇Θ)
-    router_grad_delay: bool = False  # φ's update at step t + 1 uses step t's ∂ℓ/∂α = E g, which the pass that
-    # updates the bank then forms on the way (no pass over the bank of its own; dense experts only)
     centre_alpha: bool = False  # merge with α − ᾱ (ᾱ: running mean over π), so experts learn only what
     # varies with h and S the rest; pack folds ᾱ into φ's output bias
     # branch phase (trainer/branches.py): the last branch_share of the steps train each expert alone,

@@ -38,8 +38,7 @@ class SoupState:
                  expert_lr_scale: float = 1.0, router_lr_scale: float = 1.0, expert_weight_decay_scale: float = 1.0,
                  router_input_scale: float = 1.0, centre_alpha: bool = False,
                  expert_preconditioner: str = "own", centre_gradients: bool = False,
-                 expert_moments: str = "float32", expert_beta1: float | None = None,
-                 router_grad_delay: bool = False) -> None:
+                 expert_moments: str = "float32", expert_beta1: float | None = None) -> None:
         self.config, self.layout = config, layout
         self.router_input_scale = router_input_scale
         # Centring: Θ = S + Σ_j (α_j − ᾱ_j) E_j with ᾱ a running mean of α over the draws of π.
@@ -50,14 +49,6 @@ class SoupState:
         self.lo, self.hi = lo, layout.shared.size if hi is None else hi
         if layout.lowrank and (self.lo, self.hi) != (0, layout.shared.size):
             raise SoeError("low-rank experts cannot be bank-sharded; use --sharding ddp")
-        if router_grad_delay and layout.lowrank:
-            raise SoeError("--router-grad-delay needs dense experts (low-rank factors backpropagate through α at once)")
-        # Delayed router gradient: ∂ℓ/∂α = E g comes out of the optimizer's pass over the bank (no pass of
-        # its own), so φ's update at step t + 1 uses step t's gradient. Between steps the gradient waits in
-        # the router parameters' .grad (checkpointed with them).
-        self.router_grad_delay = router_grad_delay
-        self._pending_h: list[Tensor] = []  # this rank's h of the micro-batches since the last update
-        self._reduce_dots: Callable[[Tensor], Tensor] | None = None
         self.shared, self.experts = shared, experts  # [hi-lo], [n, E's columns inside [lo, hi)]
         self.e0 = max(self.lo, layout.start) - self.lo  # first column of this slice that has dense experts
         self.factors = factors.requires_grad_(True) if layout.lowrank else None
@@ -156,21 +147,14 @@ class SoupState:
 
     @property
     def router_learning(self) -> bool:
-        """Whether φ still learns (a frozen router needs no ∂ℓ/∂α at all)."""
+        """Whether φ still learns; a frozen router needs no ∂ℓ/∂α = E g, which reads the whole bank."""
         return self.n > 0 and any(self.optimizer.lr_scale.get(k, 1.0) != 0.0 for k in self.router)
-
-    @property
-    def delayed_grads(self) -> frozenset[str]:
-        """Parameters whose .grad holds the last step's (already summed over ranks) delayed gradient."""
-        return frozenset(self.router) if self.router_grad_delay else frozenset()
 
     def zero_grad(self) -> None:
         self.grad_shared.zero_()
         self.grad_experts.clear()
-        delayed = [self.router[k] for k in self.delayed_grads]
         for p in self._autograd_params():
-            if not any(p is d for d in delayed):
-                p.grad = None
+            p.grad = None
 
     def _autograd_params(self) -> list[Tensor]:
         return list(self.router.values()) + ([self.factors] if self.factors is not None else [])
@@ -204,22 +188,11 @@ class SoupState:
             return dense
         return torch.cat([self.layout.lowrank_theta(self.shared, self.factors, alpha), dense])
 
-    def optimizer_step(self, grads: dict[str, Tensor | ExpertGrad], lr: float, next_h: Tensor | None = None,
-                       reduce_router: Callable[[Tensor], Tensor] | None = None) -> None:
+    def optimizer_step(self, grads: dict[str, Tensor | ExpertGrad], lr: float, next_h: Tensor | None = None) -> None:
         """One AdamW step. `next_h`: the h of this rank's next micro-batch, if known; the pass that
         updates the bank then also merges that micro-batch's Θ, which `micro_step` takes instead
-        of merging again (dense experts, compiled kernel only).
-
-        With the delayed router gradient, the same pass also yields this step's ∂ℓ/∂α, which is then
-        backpropagated into φ's .grad for the next step (`reduce_router` sums it over data-parallel ranks)."""
+        of merging again (dense experts, compiled kernel only)."""
         self._next_theta = None
-        pending, self._pending_h = self._pending_h, []
-        expert_grad = grads.get("E")
-        dots, router_before = None, {}
-        if pending and isinstance(expert_grad, ExpertGrad) and expert_grad.grads:
-            dots = torch.zeros(self.n, len(expert_grad.grads), dtype=torch.float64, device=self.experts.device)
-            # φ as the micro-batches saw it: the update below changes it before E g is known
-            router_before = {k: v.detach().clone().requires_grad_(True) for k, v in self.router.items()}
 
         def next_merge() -> tuple[Tensor, Tensor, Tensor] | None:
             if next_h is None or self.factors is not None or self.n == 0:
@@ -229,26 +202,8 @@ class SoupState:
             self._next_theta = (alpha, torch.empty_like(base))
             return base, alpha, self._next_theta[1]
 
-        if not self.optimizer.step(grads, lr, next_merge, dots):
+        if not self.optimizer.step(grads, lr, next_merge):
             self._next_theta = None
-        if self.router_grad_delay:
-            for p in self.router.values():  # used by this step: the next one gets this step's
-                p.grad = None
-            if router_before and self.router_learning:
-                self._apply_delayed_router_grad(router_before, pending, dots, expert_grad.own, reduce_router)
-
-    def _apply_delayed_router_grad(self, router: dict[str, Tensor], hs: list[Tensor], dots: Tensor, own: int,
-                                   reduce_router: Callable[[Tensor], Tensor] | None) -> None:
-        """φ's .grad ← Σ_m ∂α_m/∂φ · (E g_m) at the φ the micro-batches used, for this rank's micro-batches m
-        (columns own, own + 1, … of dots); the tiny router's forward is simply run again."""
-        d_alpha = dots.to(torch.float32)
-        if self._reduce_dots is not None:  # bank sharding: each rank's dots cover its columns only
-            d_alpha = self._reduce_dots(d_alpha)
-        with torch.enable_grad():
-            alphas = [router_forward(router, h * self.router_input_scale) for h in hs]
-            torch.autograd.backward(alphas, [d_alpha[:, own + i] for i in range(len(hs))])
-        for k, p in self.router.items():
-            p.grad = reduce_router(router[k].grad) if reduce_router is not None else router[k].grad
 
     def _merged_for(self, alpha: Tensor) -> Tensor:
         """This slice of Θ for α: the one the last optimizer step merged ahead, when it was for this α."""
@@ -260,7 +215,7 @@ class SoupState:
 
     def accumulate(self, alpha: Tensor, g_slice: Tensor, router_grad: bool = True) -> Tensor | None:
         """Add ∇S += g, ∇E += α gᵀ for this slice; return the dense experts' share of ∂ℓ/∂α = E g
-        (None when `router_grad` is False: nothing needs it now)."""
+        (None without `router_grad`: a frozen φ does not need it)."""
         self.grad_shared.add_(g_slice)
         if self.n == 0:
             return torch.zeros(0, device=g_slice.device)
@@ -291,16 +246,12 @@ class SoupState:
             loss = next_token_loss(params, self.config.model, tokens)
         (loss * scale).backward()
         g_slice = scatter(theta.grad) if scatter else theta.grad
-        now = learning and not self.router_grad_delay
-        d_alpha = self.accumulate(alpha, g_slice, router_grad=now)
-        if learning and self.router_grad_delay:  # E g comes from the optimizer's pass over the bank
-            self._pending_h.append(h.to(self.shared.device, torch.float32))
-            self._reduce_dots = reduce_alpha
+        d_alpha = self.accumulate(alpha, g_slice, router_grad=learning)
         roots, root_grads = [], []
         if theta_local.requires_grad:  # low-rank prefix → ∇A, ∇B and its part of ∂ℓ/∂α
             roots.append(theta_local)
             root_grads.append(g_slice)
-        if now:
+        if learning:
             roots.append(alpha)
             root_grads.append(reduce_alpha(d_alpha) if reduce_alpha else d_alpha)
         if roots:
@@ -321,8 +272,6 @@ class SoupState:
         if self.factors is not None:
             out["F"] = self.factors.detach()
         out.update({k: v.detach() for k, v in self.router.items()})
-        out.update({f"delayed_grad.{k}": self.router[k].grad for k in self.delayed_grads
-                    if self.router[k].grad is not None})
         out["alpha_centre"] = self.alpha_centre
         out.update(self.optimizer.state_tensors())
         return out
@@ -336,8 +285,6 @@ class SoupState:
                 self.factors.copy_(tensors["F"])
             for k, v in self.router.items():
                 v.copy_(tensors[k])
-                delayed = tensors.get(f"delayed_grad.{k}")
-                v.grad = delayed.clone() if delayed is not None and k in self.delayed_grads else None
             if "alpha_centre" in tensors:  # absent from checkpoints written before centring existed
                 self.alpha_centre.copy_(tensors["alpha_centre"])
         self.optimizer.load_state_tensors(tensors, step_count)
