@@ -3,7 +3,8 @@
 `SoupState.micro_step` is paper Algorithm 2's body for one micro-batch: α = φ(h),
 Θ = S + Σ_j α_j E_j, one forward/backward through the merged model, and the soup gradients
 recovered from g = ∇Θ. For dense experts that is closed form (soe_sdk/flat.py):
-∇S += g, ∇E += α gᵀ (kept as the pair (α, g), see trainer.optim.ExpertGrad), ∂ℓ/∂α = E g.
+∇S += g, ∇E += α gᵀ (kept as the pair (α, g), see trainer.optim.ExpertGrad), ∂ℓ/∂α = E g
+(not computed once φ is frozen: it reads the whole bank).
 For low-rank experts (trainer/layout.py) the prefix Θ[:q] is backpropagated against g[:q]
 with autograd, into A, B and α. A state may hold only a slice [lo, hi) of S and E: that is
 how bank sharding splits a dense soup across ranks.
