@@ -1,7 +1,10 @@
 """The factored expert gradient and the flat AdamW: the same update as the materialised gradient."""
 from __future__ import annotations
 
+import pytest
 import torch
+
+from soe_sdk.errors import SoeError
 
 from trainer.optim import ExpertGrad, FlatAdamW
 
@@ -101,6 +104,35 @@ def test_a_frozen_router_gets_no_gradient_and_the_step_is_otherwise_the_same() -
                        grads[False]["E"].dense(3, grads[False]["E"].grads[0].numel()))
     assert float(grads[False]["router.fc2.weight"].abs().sum()) > 0
     assert float(grads[True]["router.fc2.weight"].abs().sum()) == 0
+
+
+def test_experts_on_vectors_only_leave_every_matrix_at_the_shared_value() -> None:
+    """With expert_params="vectors" the experts of every matrix start and stay at 0 through real
+    steps (Θ = S there), while the 1-D parameters' experts learn and φ still gets ∂ℓ/∂α."""
+    from soe_sdk.config import ModelConfig, RouterConfig, SoupConfig
+    from trainer.state import SoupState
+
+    config = SoupConfig(ModelConfig(vocab_size=300, max_seq_len=32, d_model=32, n_layers=2, n_heads=2, d_mlp=64),
+                        RouterConfig(k=4, n=3, hidden=8))
+    gen = torch.Generator().manual_seed(5)
+    state = SoupState.fresh(config, 11, torch.device("cpu"), expert_params="vectors")
+    shapes = config.model.parameter_shapes()
+    c = state.expert_from
+    assert c == sum(int(torch.Size(s).numel()) for s in shapes.values() if len(s) == 2)
+    for step in range(3):
+        h = torch.softmax(torch.randn(4, generator=gen), 0)
+        state.zero_grad()
+        state.micro_step(h, torch.randint(0, 300, (2, 32), generator=gen), 1.0)
+        grads = state.grad_dict()
+        # the 1-D experts start at 0, so φ's first gradient E g is 0 too
+        assert (float(grads["router.fc2.weight"].abs().sum()) > 0) is (step > 0)
+        state.optimizer_step(grads, 1e-2)
+    views = state.layout.experts.views(state.experts.detach())
+    for name, shape in shapes.items():
+        moved = float(views[name].abs().max())
+        assert (moved == 0.0) if len(shape) == 2 else (moved > 0.0), name
+    with pytest.raises(SoeError, match="expert-params"):
+        SoupState.fresh(config, 11, torch.device("cpu"), expert_params="matrices")
 
 
 def test_per_parameter_learning_rate_scales() -> None:

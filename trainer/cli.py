@@ -110,6 +110,9 @@ def prepare(corpus: Path, workdir: Path, preset: str, tokenizer: Path | None, ev
               help="Experts' Adam second moment: their own, or S's (updates then scale with α).")
 @click.option("--expert-moments", type=click.Choice(["float32", "bfloat16"]),
               help="Storage dtype of the expert bank's Adam moments (overrides the preset).")
+@click.option("--expert-params", type=click.Choice(["all", "vectors"]),
+              help="Parameters that have experts: all, or only the 1-D ones (LayerNorm gains and biases, "
+                   "linear biases); the others keep E_j = 0 (overrides the preset).")
 @click.option("--expert-beta1", type=float,
               help="With --expert-preconditioner shared: β₁ of the experts' momentum (default: the preset's β₁).")
 @click.option("--centre-expert-gradients/--no-centre-expert-gradients", default=None,
@@ -142,7 +145,7 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
           expert_start_at: float | None, router_input_scale: float | None,
           expert_init_scale: float | None,
           router_init: str | None, router_init_scale: float | None, expert_preconditioner: str | None,
-          expert_moments: str | None, expert_beta1: float | None,
+          expert_moments: str | None, expert_params: str | None, expert_beta1: float | None,
           centre_expert_gradients: bool | None,
           centre_alpha: bool | None,
           d_model: int | None, n_layers: int | None, batch_size: int | None,
@@ -167,6 +170,7 @@ def train(workdir: Path, preset: str, experts: int | None, expert_rank: int | No
                                    "expert_init_scale": expert_init_scale, "router_init": router_init,
                                    "router_init_scale": router_init_scale,
                                    "expert_preconditioner": expert_preconditioner, "expert_moments": expert_moments,
+                                   "expert_params": expert_params,
                                    "expert_beta1": expert_beta1,
                                    "centre_expert_gradients": centre_expert_gradients, "batch_size": batch_size,
                                    "grad_accum": grad_accum,

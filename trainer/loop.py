@@ -121,7 +121,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                             router_lr_scale=preset.router_lr_scale, router_input_scale=preset.router_input_scale,
                             centre_alpha=preset.centre_alpha, expert_preconditioner=preset.expert_preconditioner,
                             centre_gradients=preset.centre_expert_gradients, expert_moments=preset.expert_moments,
-                            expert_beta1=preset.expert_beta1)
+                            expert_beta1=preset.expert_beta1, expert_params=preset.expert_params)
     groups = _domain_groups(preset, workdir) if "groups" in (preset.router_init, preset.support_choice) else None
     if n and preset.router_init != "random":
         state.set_router(_initial_router(preset, workdir, shards, n, groups))
@@ -155,6 +155,7 @@ def train(workdir: str | Path, preset: Preset, *, spec: RunSpec = RunSpec(), max
                 "expert_init_scale": preset.expert_init_scale, "router_init": preset.router_init,
                 "router_init_scale": preset.router_init_scale,
                 "expert_preconditioner": preset.expert_preconditioner, "expert_moments": preset.expert_moments,
+                "expert_params": preset.expert_params,
                 "centre_expert_gradients": preset.centre_expert_gradients, "expert_beta1": preset.expert_beta1,
                 "storage_dtype": preset.storage_dtype,
                 "precision": "fp32" if autocast is None else "bf16"}
@@ -331,7 +332,8 @@ def _check_same_run(saved: dict[str, Any], config: SoupConfig, sharding: str, wo
     run = saved.get("run", {})
     checked = [("router_input_scale", 1.0), ("centre_alpha", False), ("support_choice", "uniform"),
                ("generic_share", 0.0), ("expert_beta1", None),
-               ("expert_preconditioner", "own"), ("centre_expert_gradients", False), ("expert_moments", "float32")]
+               ("expert_preconditioner", "own"), ("centre_expert_gradients", False), ("expert_moments", "float32"),
+               ("expert_params", "all")]
     if preset.support_choice == "neighbours":
         checked.append(("neighbour_share", 0.5))
     for key, default in checked:

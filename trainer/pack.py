@@ -20,7 +20,7 @@ from .state import packed_router
 TRAINING_SETTINGS = ("lr", "min_lr_ratio", "expert_lr_scale", "router_lr_scale", "router_freeze_at",
                      "expert_start_at", "router_input_scale", "centre_alpha", "expert_init_scale", "router_init",
                      "router_init_scale",
-                     "expert_preconditioner", "centre_expert_gradients", "expert_beta1", "branch_share", "trunk_steps",
+                     "expert_preconditioner", "centre_expert_gradients", "expert_params", "expert_beta1", "branch_share", "trunk_steps",
                      "branch_steps", "trunk_lr", "batch_size", "grad_accum",
                      "seq_len", "precision")  # recorded in the provenance
 

@@ -51,6 +51,8 @@ class Preset:
     router_init: str = "random"  # "random", "centroids" or "groups": φ starts as α = F h, F from the centroids'
     # principal axes, or F = each domain's group (trainer/router_init.py), so similar mixtures share expert updates
     router_init_scale: float = 1.0  # with "centroids": RMS of ‖α‖ over single domains (weighted by the corpus)
+    expert_params: str = "all"  # which parameters have experts: "all", or "vectors" (the 1-D ones: LayerNorm
+    # gains and biases, linear biases); the others keep E_j = 0, so Θ differs from S only there
     expert_moments: str = "float32"  # dtype of the expert bank's Adam moments: "float32" or "bfloat16"
     # (updated in float32, stored rounded to nearest: a third fewer bytes in the update's pass over
     # the bank, the soup's largest cost per step beyond the plain model's, and half the moments' memory)

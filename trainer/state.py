@@ -39,7 +39,8 @@ class SoupState:
                  expert_lr_scale: float = 1.0, router_lr_scale: float = 1.0, expert_weight_decay_scale: float = 1.0,
                  router_input_scale: float = 1.0, centre_alpha: bool = False,
                  expert_preconditioner: str = "own", centre_gradients: bool = False,
-                 expert_moments: str = "float32", expert_beta1: float | None = None) -> None:
+                 expert_moments: str = "float32", expert_beta1: float | None = None,
+                 expert_params: str = "all") -> None:
         self.config, self.layout = config, layout
         self.router_input_scale = router_input_scale
         # Centring: Θ = S + Σ_j (α_j − ᾱ_j) E_j with ᾱ a running mean of α over the draws of π.
@@ -52,6 +53,9 @@ class SoupState:
             raise SoeError("low-rank experts cannot be bank-sharded; use --sharding ddp")
         self.shared, self.experts = shared, experts  # [hi-lo], [n, E's columns inside [lo, hi)]
         self.e0 = max(self.lo, layout.start) - self.lo  # first column of this slice that has dense experts
+        self.expert_from = self._first_expert_column(expert_params, centre_gradients)
+        if self.expert_from:
+            experts[:, :self.expert_from] = 0.0  # these columns stay 0: zero gradient, moments and decay
         self.factors = factors.requires_grad_(True) if layout.lowrank else None
         self.router = {k: v.requires_grad_(True) for k, v in router.items()}
         self.grad_shared = torch.zeros_like(shared)
@@ -84,6 +88,18 @@ class SoupState:
                                    shared_moments=shared_moments,
                                    beta1_of={} if expert_beta1 is None else {"E": expert_beta1},
                                    centred_gradients=frozenset({"E"}) if centre_gradients else frozenset())
+
+    def _first_expert_column(self, expert_params: str, centre_gradients: bool) -> int:
+        """The first of this slice's E columns that may learn (0: all of them; see Preset.expert_params)."""
+        if expert_params == "all":
+            return 0
+        if expert_params != "vectors":
+            raise SoeError(f"--expert-params {expert_params!r}: use all or vectors")
+        if self.layout.lowrank or centre_gradients:
+            raise SoeError("--expert-params vectors needs dense experts and no --centre-expert-gradients")
+        # E is [matrices | vectors]: the vectors are the suffix after the matrices' decay_end
+        vectors_from = self.layout.start + self.layout.experts.decay_end  # in S's columns
+        return max(0, min(vectors_from, self.hi) - max(self.lo, self.layout.start))
 
     @classmethod
     def fresh(cls, config: SoupConfig, seed: int, device: torch.device,
@@ -221,6 +237,12 @@ class SoupState:
         if self.n == 0:
             return torch.zeros(0, device=g_slice.device)
         g_dense = g_slice[self.e0:]
+        c = self.expert_from
+        if c:  # experts only on a suffix of the columns: the rest of their gradient is 0, as E is there
+            g_experts = torch.zeros_like(g_dense)
+            g_experts[c:] = g_dense[c:]
+            self.grad_experts.add(alpha, g_experts)
+            return self.experts[:, c:] @ g_dense[c:] if router_grad else None
         self.grad_experts.add(alpha, g_dense)
         return self.experts @ g_dense if router_grad else None
 
